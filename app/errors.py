@@ -1,0 +1,55 @@
+"""One error tree for the receiver.
+
+Domain code raises these; only ``app.ingest`` turns them into HTTP answers, through
+``status`` and ``code``. Constructing an error does nothing but store its data.
+"""
+
+from __future__ import annotations
+
+
+class ReceiverError(Exception):
+    """Base of every error the receiver answers with a JSON body."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class SignatureError(ReceiverError):
+    """The request's signature did not pass; DT will retry, so 401 is safe."""
+
+    status = 401
+
+    def __init__(self, code: str, detail: str, scheme: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.scheme = scheme
+
+
+class BodyTooLarge(ReceiverError):
+    status = 413
+    code = "body_too_large"
+
+
+class MalformedBody(ReceiverError):
+    status = 400
+    code = "malformed_body"
+
+
+class DeliveryFailed(ReceiverError):
+    """At least one sink did not take the event: answer 503 so that DT retries."""
+
+    status = 503
+    code = "sink_unavailable"
+
+    def __init__(self, detail: str, sinks: tuple[str, ...], retry_after: int) -> None:
+        super().__init__(detail)
+        self.sinks = sinks
+        self.retry_after = retry_after
+
+
+class ConfigError(Exception):
+    """A setting is invalid; raised before the port opens, naming the setting."""

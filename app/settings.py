@@ -1,0 +1,208 @@
+"""All settings in one pydantic-settings class: ``DCON_*`` environment variables, then an
+optional TOML file named by ``DCON_CONFIG``. Validated before the port opens."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from app.errors import ConfigError
+
+DT_OIDC_URL = "https://identity.disruptive-technologies.com/data-connector/.well-known/openid-configuration"
+DT_ISSUER = "https://identity.disruptive-technologies.com/data-connector"
+TWELVE_HOURS = 12 * 3600
+
+VerifyMode = Literal["auto", "secret", "asymmetric", "both", "off"]
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DCON_",
+        extra="forbid",
+        validate_default=True,
+        frozen=True,
+    )
+
+    # --- serving -------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    path: str = Field("/events", description="URL path DT posts to (the Data Connector URL).")
+    max_body_bytes: int = Field(
+        256 * 1024, ge=1024, description="Largest request body accepted; larger gets 413."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level of the receiver and uvicorn."
+    )
+
+    # --- verification --------------------------------------------------------------------
+    verify_mode: VerifyMode = Field(
+        "auto",
+        description="Which DT signatures are required: auto, asymmetric, secret, both or off. "
+        "auto = asymmetric, plus secret when secrets are configured.",
+    )
+    signature_secrets: CommaList = Field(
+        default_factory=list,
+        validation_alias=AliasChoices(
+            "signature_secrets", "DCON_SIGNATURE_SECRETS", "DT_SIGNATURE_SECRET"
+        ),
+        description="Data Connector signature secrets, comma-separated; several at once for "
+        "rotation. DT_SIGNATURE_SECRET is accepted too.",
+    )
+    max_token_age: int = Field(
+        TWELVE_HOURS + 3600,
+        ge=0,
+        description="Seconds after iat a token is still accepted (tokens live until "
+        "max(exp, iat + this)). 0 = honour exp only.",
+    )
+    token_leeway: int = Field(60, ge=0, le=600, description="Clock skew allowed, in seconds.")
+    dt_oidc_url: str = Field(DT_OIDC_URL, description="DT's discovery document for its keys.")
+    dt_issuer: str = Field(DT_ISSUER, description="Required iss of the asymmetric token.")
+    dt_org_id: str | None = Field(
+        None, description="Your DT organization ID; required sub of the asymmetric token."
+    )
+    dt_jwks_file: Path | None = Field(
+        None, description="Pin DT's JWKS from this file instead of fetching it."
+    )
+    dt_jwks_refresh: int = Field(
+        900, ge=10, description="Seconds between background refreshes of DT's keys."
+    )
+    dt_jwks_min_interval: int = Field(
+        60, ge=1, description="At most one key refresh per this many seconds on an unknown kid."
+    )
+    asymmetric_header: str = Field(
+        "DT-Asymmetric-Signature", description="Header carrying DT's asymmetric signature."
+    )
+
+    # --- dedup ---------------------------------------------------------------------------
+    dedup_window: int = Field(
+        TWELVE_HOURS + 3600,
+        ge=0,
+        description="Seconds an eventId is remembered; covers DT's 12 h retry horizon.",
+    )
+    dedup_max_entries: int = Field(
+        1_000_000, ge=1, description="Most eventIds remembered; the oldest go first."
+    )
+
+    # --- delivery ------------------------------------------------------------------------
+    sinks: CommaList = Field(
+        default_factory=lambda: ["log", "file"],
+        description="Sinks every event goes to, comma-separated (log, file, queue, ...).",
+    )
+    sink_timeout: float = Field(
+        5.0, gt=0, le=9, description="Deadline in seconds for all sinks; past it, 503."
+    )
+    retry_after: int = Field(30, ge=1, description="Retry-After seconds sent with a 503.")
+    file_path: Path = Field(Path("data/events.jsonl"), description="JSON Lines file of events.")
+    file_fsync: bool = Field(True, description="fsync before answering 200 (group commit).")
+    file_max_bytes: int = Field(
+        100 * 1024 * 1024, ge=0, description="Rotate the file past this size; 0 = never."
+    )
+    queue_maxsize: int = Field(10_000, ge=1, description="Capacity of the in-process queue.")
+
+    @field_validator("signature_secrets", "sinks", mode="before")
+    @classmethod
+    def _commas(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        return value
+
+    @field_validator("sinks")
+    @classmethod
+    def _sinks(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one sink is required")
+        if len(set(value)) != len(value):
+            raise ValueError("a sink is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _mode_has_secret(self) -> Settings:
+        if self.verify_mode in ("secret", "both") and not self.signature_secrets:
+            raise ValueError(
+                f"DCON_VERIFY_MODE={self.verify_mode} needs DCON_SIGNATURE_SECRETS "
+                "(or DT_SIGNATURE_SECRET)"
+            )
+        return self
+
+    @property
+    def schemes(self) -> tuple[str, ...]:
+        """The signature schemes every request must pass, in the order they are checked."""
+        mode = self.verify_mode
+        if mode == "auto":
+            mode = "both" if self.signature_secrets else "asymmetric"
+        return {
+            "asymmetric": ("asymmetric",),
+            "secret": ("secret",),
+            "both": ("asymmetric", "secret"),
+            "off": (),
+        }[mode]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config = os.environ.get("DCON_CONFIG")
+        if config:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config)))
+        return tuple(sources)
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings with every secret hidden, for logs and ``config``."""
+        data = self.model_dump(mode="json")
+        data["signature_secrets"] = [f"***({len(s)} chars)" for s in self.signature_secrets]
+        return data
+
+
+def env_name(field: str) -> str:
+    return f"DCON_{field.upper()}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment (and TOML), or raise ``ConfigError`` naming the
+    setting that is wrong."""
+    config = os.environ.get("DCON_CONFIG")
+    if config and not Path(config).is_file():
+        raise ConfigError(f"DCON_CONFIG: no such file {config!r}")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc)) from None
+
+
+def describe_errors(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        name = env_name(loc[0]) if loc else "settings"
+        got = error.get("input")
+        shown = "" if loc and "secret" in loc[0] else f" (got {got!r})"
+        lines.append(f"{name}: {error['msg']}{shown if loc else ''}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -1,0 +1,244 @@
+"""DT signature checks: pure functions over the raw body and the request headers.
+
+Each signature scheme is one small strategy with a ``verify(body, headers)`` method that
+returns a :class:`SchemePass` or raises :class:`~app.errors.SignatureError`. A
+:class:`Verifier` runs the configured schemes in order and requires every one of them.
+
+Nothing here imports web code or re-serialises the body: checksums are computed over the
+exact bytes DT signed.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from jwt.algorithms import HMACAlgorithm
+from jwt.utils import base64url_decode
+
+from app.errors import SignatureError
+
+SECRET_HEADER = "x-dt-signature"
+HS256 = HMACAlgorithm(HMACAlgorithm.SHA256)
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class SchemePass:
+    """One scheme accepted the request; ``key`` says which key, never the key itself."""
+
+    scheme: str
+    key: str
+    subject: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """What the verifier concluded about one request."""
+
+    passes: tuple[SchemePass, ...]
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.passes)
+
+    @property
+    def label(self) -> str:
+        """``secret`` / ``asymmetric`` / ``asymmetric+secret`` or ``unverified``."""
+        return "+".join(p.scheme for p in self.passes) or "unverified"
+
+
+UNVERIFIED = Verification(passes=())
+
+
+class Scheme(Protocol):
+    """A signature scheme: accept the request or raise ``SignatureError``."""
+
+    name: str
+
+    def verify(self, body: bytes, headers: Mapping[str, str]) -> SchemePass: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """A compact JWS split into its parts; nothing about it is trusted yet."""
+
+    header: dict[str, Any]
+    claims: dict[str, Any]
+    signing_input: bytes
+    signature: bytes
+
+
+def header_value(headers: Mapping[str, str], name: str) -> str | None:
+    """Look a header up case-insensitively (frameworks differ in what they keep)."""
+    value = headers.get(name)
+    if value is not None:
+        return value
+    for key, candidate in headers.items():
+        if key.lower() == name:
+            return candidate
+    return None
+
+
+def _b64_json(segment: str) -> dict[str, Any]:
+    decoded = json.loads(base64url_decode(segment))
+    if not isinstance(decoded, dict):
+        raise TypeError("not a JSON object")
+    return decoded
+
+
+def parse_token(token: str, scheme: str) -> Token:
+    """Split a compact JWS into header, claims and signature, or raise ``malformed_signature``."""
+    parts = token.strip().split(".")
+    if len(parts) != 3:
+        raise SignatureError(
+            "malformed_signature", f"token has {len(parts)} parts, expected 3", scheme
+        )
+    head, payload, sig = parts
+    try:
+        header = _b64_json(head)
+        claims = _b64_json(payload)
+        signature = base64url_decode(sig)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
+        raise SignatureError(
+            "malformed_signature", f"token is not a valid JWS: {exc}", scheme
+        ) from exc
+    return Token(header, claims, f"{head}.{payload}".encode("ascii"), signature)
+
+
+def require_algorithm(token: Token, expected: str, scheme: str) -> None:
+    """The algorithm is ours to choose; the token header only has to agree with it."""
+    alg = token.header.get("alg")
+    if alg != expected:
+        raise SignatureError(
+            "invalid_signature", f"algorithm {alg!r} is not accepted, only {expected}", scheme
+        )
+
+
+def _numeric_claim(claims: Mapping[str, Any], name: str, scheme: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SignatureError("malformed_signature", f"claim {name!r} is not a number", scheme)
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenAge:
+    """When a token is too old or too new.
+
+    DT signs tokens with ``exp = iat + 1 h`` but retries a failed delivery for up to
+    12 h, and it is not known whether a retry is re-signed. A token is therefore accepted
+    until ``max(exp, iat + max_age)``; with ``max_age = 0`` this is plain JWT expiry.
+    ``leeway`` absorbs clock skew in both directions.
+    """
+
+    max_age: int
+    leeway: int = 60
+    clock: Clock = time.time
+
+    def check(self, claims: Mapping[str, Any], scheme: str) -> None:
+        now = self.clock()
+        iat = _numeric_claim(claims, "iat", scheme)
+        exp = _numeric_claim(claims, "exp", scheme)
+        if iat is None and exp is None:
+            raise SignatureError("malformed_signature", "token has neither iat nor exp", scheme)
+        if iat is not None and iat > now + self.leeway:
+            raise SignatureError(
+                "invalid_signature",
+                f"token issued {iat - now:.0f} s in the future; check the clock",
+                scheme,
+            )
+        limits = [t for t in (exp, None if iat is None else iat + self.max_age) if t is not None]
+        deadline = max(limits)
+        if now > deadline + self.leeway:
+            raise SignatureError(
+                "expired_signature",
+                f"token expired {now - deadline:.0f} s ago "
+                f"(accepted until max(exp, iat + {self.max_age} s))",
+                scheme,
+            )
+
+
+def check_checksum(
+    claims: Mapping[str, Any], body: bytes, scheme: str, *, allow_sha1: bool
+) -> None:
+    """Compare the signed body digest with the raw bytes, in constant time.
+
+    SHA-256 wins whenever the token carries it; DT tokens from before 2022 carry only the
+    SHA-1 ``checksum``, which the secret scheme still accepts.
+    """
+    if "checksum_sha256" in claims:
+        name, digest = "checksum_sha256", hashlib.sha256(body).hexdigest()
+    elif allow_sha1 and "checksum" in claims:
+        name, digest = "checksum", hashlib.sha1(body, usedforsecurity=False).hexdigest()
+    else:
+        raise SignatureError("malformed_signature", "token carries no body checksum", scheme)
+    claimed = claims[name]
+    if not isinstance(claimed, str):
+        raise SignatureError("malformed_signature", f"claim {name!r} is not a string", scheme)
+    if not hmac.compare_digest(digest, claimed.lower()):
+        raise SignatureError(
+            "checksum_mismatch", f"{name} of the body does not match the token", scheme
+        )
+
+
+class SecretScheme:
+    """``X-Dt-Signature``: HS256 with a shared secret (deprecated by DT, still common).
+
+    Several secrets may be configured at once so that a rotation never drops an event;
+    the one that matched is reported by position.
+    """
+
+    name = "secret"
+
+    def __init__(self, secrets: Sequence[str], age: TokenAge) -> None:
+        if not secrets:
+            raise ValueError("the secret scheme needs at least one secret")
+        self._keys = [HS256.prepare_key(secret) for secret in secrets]
+        self._age = age
+
+    def verify(self, body: bytes, headers: Mapping[str, str]) -> SchemePass:
+        raw = header_value(headers, SECRET_HEADER)
+        if not raw:
+            raise SignatureError(
+                "missing_signature", "X-Dt-Signature header is required", self.name
+            )
+        token = parse_token(raw, self.name)
+        require_algorithm(token, "HS256", self.name)
+        index = self._matching_key(token)
+        self._age.check(token.claims, self.name)
+        check_checksum(token.claims, body, self.name, allow_sha1=True)
+        return SchemePass(self.name, f"secret #{index + 1}")
+
+    def _matching_key(self, token: Token) -> int:
+        # Every key is tried even after a match would be possible to short-circuit; the
+        # position of the secret must not be learnable from timing.
+        matches = [HS256.verify(token.signing_input, key, token.signature) for key in self._keys]
+        if True not in matches:
+            raise SignatureError(
+                "invalid_signature", "signature matches none of the configured secrets", self.name
+            )
+        return matches.index(True)
+
+
+class Verifier:
+    """Requires every configured scheme; with none configured, marks events unverified."""
+
+    def __init__(self, schemes: Sequence[Scheme]) -> None:
+        self.schemes = tuple(schemes)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.schemes)
+
+    def verify(self, body: bytes, headers: Mapping[str, str]) -> Verification:
+        return Verification(tuple(s.verify(body, headers) for s in self.schemes))

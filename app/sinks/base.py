@@ -1,0 +1,46 @@
+"""The sink contract: a tiny plug-in interface with a lifecycle.
+
+Building a sink only parses its configuration. ``connect()`` does the I/O, ``send()``
+returns only once the event is safe in the sink (that is when the receiver may answer
+200), ``ping()`` proves the sink is reachable, and ``close()`` flushes and releases.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from app.received import ReceivedEvent
+    from app.settings import Settings
+
+
+class SinkError(Exception):
+    """A sink could not take an event or answer a ping; the receiver answers 503."""
+
+    def __init__(self, sink: str, detail: str) -> None:
+        super().__init__(f"{sink}: {detail}")
+        self.sink = sink
+        self.detail = detail
+
+
+class SinkConfigError(Exception):
+    """A sink's settings are invalid or its optional extra is missing (raised at start-up)."""
+
+
+@runtime_checkable
+class Sink(Protocol):
+    name: str
+
+    async def connect(self) -> None: ...
+
+    async def send(self, event: ReceivedEvent) -> None: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class SinkFactory(Protocol):
+    """What the registry resolves a name to: a class (or callable) built from settings."""
+
+    def from_settings(self, settings: Settings) -> Sink: ...
