@@ -18,7 +18,9 @@ from pydantic_settings import (
 
 from app.errors import ConfigError
 
-DT_OIDC_URL = "https://identity.disruptive-technologies.com/data-connector/.well-known/openid-configuration"
+DT_OIDC_URL = (
+    "https://identity.disruptive-technologies.com/data-connector/.well-known/openid-configuration"
+)
 DT_ISSUER = "https://identity.disruptive-technologies.com/data-connector"
 TWELVE_HOURS = 12 * 3600
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from jwt.algorithms import HMACAlgorithm
-from jwt.utils import base64url_decode
+from jwt.utils import base64url_decode, base64url_encode
 
 from app.errors import SignatureError
 
-SECRET_HEADER = "x-dt-signature"
+SECRET_HEADER = "x-dt-signature"  # noqa: S105 - a header name, not a secret
 HS256 = HMACAlgorithm(HMACAlgorithm.SHA256)
 
 Clock = Callable[[], float]
@@ -87,8 +87,17 @@ def header_value(headers: Mapping[str, str], name: str) -> str | None:
     return None
 
 
+def _b64(segment: str) -> bytes:
+    decoded = base64url_decode(segment)
+    # Reject non-canonical encodings (stray padding bits), so that no altered token
+    # decodes to the same bytes and still passes.
+    if base64url_encode(decoded).decode("ascii") != segment:
+        raise ValueError("non-canonical base64url")
+    return decoded
+
+
 def _b64_json(segment: str) -> dict[str, Any]:
-    decoded = json.loads(base64url_decode(segment))
+    decoded = json.loads(_b64(segment))
     if not isinstance(decoded, dict):
         raise TypeError("not a JSON object")
     return decoded
@@ -105,7 +114,7 @@ def parse_token(token: str, scheme: str) -> Token:
     try:
         header = _b64_json(head)
         claims = _b64_json(payload)
-        signature = base64url_decode(sig)
+        signature = _b64(sig)
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
         raise SignatureError(
             "malformed_signature", f"token is not a valid JWS: {exc}", scheme

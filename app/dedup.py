@@ -1,0 +1,78 @@
+"""Remembering which eventIds were delivered, so a DT retry or duplicate is not delivered twice.
+
+An id is *claimed* before delivery and *committed* only after every sink took the event.
+A failed delivery *releases* the claim, so DT's retry goes through. A second request for
+an id that is still in flight waits for the first one's outcome instead of guessing: if
+the first succeeds it is a duplicate, if it fails the second one delivers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+
+class MemoryDedup:
+    """An in-process window of delivered ids, bounded in time and in count.
+
+    Ids are kept in delivery order (a plain dict keeps insertion order), so expiry and
+    eviction only ever look at the oldest entries.
+    """
+
+    def __init__(
+        self, window: float, max_entries: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.window = window
+        self.max_entries = max_entries
+        self._clock = clock
+        self._delivered: dict[str, float] = {}
+        self._in_flight: dict[str, asyncio.Future[bool]] = {}
+
+    def __len__(self) -> int:
+        return len(self._delivered)
+
+    async def claim(self, event_id: str) -> bool:
+        """True if the caller must deliver ``event_id``; False if it was already delivered."""
+        while True:
+            if self._seen(event_id):
+                return False
+            pending = self._in_flight.get(event_id)
+            if pending is None:
+                self._in_flight[event_id] = asyncio.get_running_loop().create_future()
+                return True
+            # Another request is delivering this id right now; its outcome decides.
+            await asyncio.shield(pending)
+
+    def commit(self, event_id: str) -> None:
+        """Every sink took the event: remember it and wake any waiting duplicate."""
+        self._delivered[event_id] = self._clock()
+        self._evict()
+        self._settle(event_id, delivered=True)
+
+    def release(self, event_id: str) -> None:
+        """Delivery failed: forget the claim so the next attempt delivers."""
+        self._settle(event_id, delivered=False)
+
+    def _settle(self, event_id: str, *, delivered: bool) -> None:
+        pending = self._in_flight.pop(event_id, None)
+        if pending is not None and not pending.done():
+            pending.set_result(delivered)
+
+    def _seen(self, event_id: str) -> bool:
+        stamp = self._delivered.get(event_id)
+        if stamp is None:
+            return False
+        if self._clock() - stamp <= self.window:
+            return True
+        del self._delivered[event_id]
+        return False
+
+    def _evict(self) -> None:
+        horizon = self._clock() - self.window
+        delivered = self._delivered
+        while delivered:
+            oldest = next(iter(delivered))
+            if len(delivered) <= self.max_entries and delivered[oldest] >= horizon:
+                break
+            del delivered[oldest]

@@ -1,0 +1,140 @@
+"""The app factory and the ASGI entry point.
+
+``create_app(settings)`` builds an app whose lifespan owns every resource (keys, dedup,
+sinks). ``app`` is resolved lazily from the environment so that ``uvicorn app.main:app``
+works while importing this module stays free of side effects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from app import __version__
+from app.dedup import MemoryDedup
+from app.delivery import Delivery
+from app.errors import ConfigError
+from app.ingest import ingest
+from app.logs import configure_logging
+from app.receiver import Receiver
+from app.settings import Settings, load_settings
+from app.signature import Scheme, SecretScheme, TokenAge, Verifier
+from app.sinks import Sink, SinkError, build_sinks
+
+log = logging.getLogger("dcon")
+
+
+def _schemes(settings: Settings, age: TokenAge) -> list[Scheme]:
+    schemes: list[Scheme] = []
+    for name in settings.schemes:
+        if name == "secret":
+            schemes.append(SecretScheme(settings.signature_secrets, age))
+    return schemes
+
+
+def _warn_about(settings: Settings) -> None:
+    if not settings.schemes:
+        log.warning(
+            "SIGNATURE VERIFICATION IS OFF (DCON_VERIFY_MODE=off): anyone who can reach "
+            "this endpoint can post events; they are stored marked verified=false"
+        )
+    if "asymmetric" in settings.schemes and not settings.dt_org_id:
+        log.warning(
+            "DCON_DT_ORG_ID is not set: any DT organization's Data Connector can post to "
+            "this endpoint; set it to your organization ID"
+        )
+
+
+async def _connect(sinks: Sequence[Sink]) -> None:
+    for sink in sinks:
+        try:
+            await sink.connect()
+        except SinkError:
+            raise
+        except Exception as exc:
+            raise SinkError(sink.name, f"cannot connect: {exc}") from exc
+
+
+def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> FastAPI:
+    """Build the receiver. ``sinks`` overrides ``settings.sinks`` (embedding and tests)."""
+    chosen = list(sinks) if sinks is not None else build_sinks(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        age = TokenAge(settings.max_token_age, settings.token_leeway)
+        verifier = Verifier(_schemes(settings, age))
+        _warn_about(settings)
+        await _connect(chosen)
+        app.state.sinks = chosen
+        app.state.receiver = Receiver(
+            verifier,
+            MemoryDedup(settings.dedup_window, settings.dedup_max_entries),
+            Delivery(chosen, settings.sink_timeout, settings.retry_after),
+        )
+        log.info(
+            "receiving on POST %s; signatures: %s; sinks: %s",
+            settings.path,
+            "+".join(settings.schemes) or "off",
+            ", ".join(s.name for s in chosen),
+        )
+        try:
+            yield
+        finally:
+            for sink in reversed(chosen):
+                await sink.close()
+
+    app = FastAPI(title="dcon-receiver", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.add_api_route(
+        settings.path,
+        ingest,
+        methods=["POST"],
+        summary="Receive one DT Data Connector event",
+        responses={
+            200: {"description": "Stored in every sink (or a duplicate of a stored event)"},
+            400: {"description": "Body is not a JSON object"},
+            401: {"description": "Signature missing or invalid; the JSON body names why"},
+            413: {"description": "Body over the size limit"},
+            503: {"description": "A sink did not take the event; DT will retry"},
+        },
+    )
+    app.add_api_route("/healthz", healthz, methods=["GET"], summary="The process is alive")
+    app.add_api_route("/readyz", readyz, methods=["GET"], summary="Every sink is reachable")
+    return app
+
+
+async def healthz(request: Request) -> dict[str, Any]:
+    receiver: Receiver = request.app.state.receiver
+    return {"status": "ok", "counts": dict(receiver.counts)}
+
+
+async def readyz(request: Request) -> JSONResponse:
+    sinks: Sequence[Sink] = request.app.state.sinks
+    results = await asyncio.gather(*(s.ping() for s in sinks), return_exceptions=True)
+    failing = {s.name: str(r) for s, r in zip(sinks, results, strict=True) if r is not None}
+    body = {"status": "unready" if failing else "ready", "failing": failing}
+    return JSONResponse(body, status_code=503 if failing else 200)
+
+
+@functools.cache
+def _app_from_environment() -> FastAPI:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        raise SystemExit(f"dcon-receiver: {exc}") from None
+    configure_logging(settings.log_level)
+    return create_app(settings)
+
+
+def __getattr__(name: str) -> Any:
+    # `uvicorn app.main:app`: build from the environment on first access, not on import.
+    if name == "app":
+        return _app_from_environment()
+    raise AttributeError(name)

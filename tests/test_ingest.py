@@ -1,0 +1,268 @@
+"""POST /events through the real ASGI app: what DT sees for every kind of request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.events import ParseOutcome
+from app.received import ReceivedEvent
+from app.samples import sample_body
+from app.settings import Settings
+from app.signing import sign_secret
+from app.sinks.memory import QueueSink
+from tests.conftest import payload_files, serve_app, signed_requests
+from tests.sinks_doubles import FlakySink, GatedSink, StuckSink
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "test-secret"
+
+
+def settings(**overrides: Any) -> Settings:
+    base: dict[str, Any] = {"verify_mode": "secret", "signature_secrets": [SECRET]}
+    base.update(overrides)
+    return Settings(**base)
+
+
+def signed(body: bytes, secret: str = SECRET) -> dict[str, str]:
+    return {"X-Dt-Signature": sign_secret(body, secret)}
+
+
+def drain(sink: QueueSink) -> list[ReceivedEvent]:
+    events = []
+    while not sink.queue.empty():
+        events.append(sink.queue.get_nowait())
+    return events
+
+
+@pytest.mark.parametrize("path", payload_files(), ids=lambda p: p.stem)
+async def test_every_dt_payload_signed_is_accepted_typed_and_delivered(path: Path) -> None:
+    body = path.read_bytes()  # noqa: ASYNC240 - a tiny fixture file
+    sink = QueueSink()
+    async with serve_app(settings(), [sink]) as (_, client):
+        response = await client.post("/events", content=body, headers=signed(body))
+    event_id = json.loads(body)["event"]["eventId"]
+    assert response.status_code == 200
+    assert response.json() == {"status": "accepted", "eventId": event_id}
+    [event] = drain(sink)
+    assert event.body == body
+    assert event.verified
+    assert event.parsed.outcome is ParseOutcome.TYPED, event.parsed.error
+
+
+async def test_real_dt_request_is_accepted_as_dt_sent_it() -> None:
+    """DT's real 2024 request, replayed byte for byte, is accepted under the default age."""
+    real = signed_requests()[1]
+    sink = QueueSink()
+    # Its token is from 2024; a wide max age stands in for a frozen clock here.
+    s = settings(max_token_age=20 * 365 * 86400)
+    async with serve_app(s, [sink]) as (_, client):
+        response = await client.post("/events", content=real["body"], headers=real["headers"])
+    assert response.status_code == 200
+    assert drain(sink)[0].verification.label == "secret"
+
+
+async def test_no_content_type_is_required() -> None:
+    body = sample_body("touch")
+    sink = QueueSink()
+    async with serve_app(settings(), [sink]) as (_, client):
+        for content_type in (None, "text/plain", "application/octet-stream"):
+            body = sample_body("touch")
+            headers = signed(body)
+            if content_type:
+                headers["Content-Type"] = content_type
+            response = await client.post("/events", content=body, headers=headers)
+            assert response.status_code == 200
+    assert len(drain(sink)) == 3
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({}, "missing_signature"),
+        ({"X-Dt-Signature": "not-a-jwt"}, "malformed_signature"),
+    ],
+)
+async def test_signature_failures_are_401_with_a_reason(headers: dict[str, str], code: str) -> None:
+    sink = QueueSink()
+    async with serve_app(settings(), [sink]) as (_, client):
+        response = await client.post("/events", content=sample_body(), headers=headers)
+    assert response.status_code == 401
+    assert response.json()["error"] == code
+    assert sink.queue.empty()
+
+
+async def test_wrong_secret_and_tampered_body_are_401() -> None:
+    body = sample_body()
+    async with serve_app(settings(), [QueueSink()]) as (_, client):
+        wrong = await client.post("/events", content=body, headers=signed(body, "other"))
+        tampered = await client.post(
+            "/events", content=body.replace(b"21.45", b"99.45"), headers=signed(body)
+        )
+    assert wrong.json()["error"] == "invalid_signature"
+    assert tampered.status_code == 401
+    assert tampered.json()["error"] == "checksum_mismatch"
+
+
+async def test_duplicate_is_200_and_not_delivered_twice() -> None:
+    body = sample_body()
+    sink = QueueSink()
+    async with serve_app(settings(), [sink]) as (_, client):
+        first = await client.post("/events", content=body, headers=signed(body))
+        again = await client.post("/events", content=body, headers=signed(body))
+    assert first.json()["status"] == "accepted"
+    assert again.status_code == 200
+    assert again.json()["status"] == "duplicate"
+    assert len(drain(sink)) == 1
+
+
+async def test_concurrent_duplicates_reach_the_sink_exactly_once() -> None:
+    """DT sends in parallel; ten copies of one event in flight at once are stored once."""
+    body = sample_body()
+    sink = GatedSink()
+    async with serve_app(settings(), [sink]) as (_, client):
+        posts = [
+            asyncio.ensure_future(client.post("/events", content=body, headers=signed(body)))
+            for _ in range(10)
+        ]
+        await sink.first_entered.wait()
+        sink.gate.set()
+        responses = await asyncio.gather(*posts)
+    statuses = sorted(r.json()["status"] for r in responses)
+    assert all(r.status_code == 200 for r in responses)
+    assert statuses == ["accepted"] + ["duplicate"] * 9
+    assert sink.entered == 1
+    assert len(drain(sink)) == 1
+
+
+async def test_failing_sink_is_503_with_retry_after_and_the_retry_delivers() -> None:
+    """A failed attempt answers 503 and never blocks DT's retry of the same event."""
+    body = sample_body()
+    sink = FlakySink(failures=1)
+    async with serve_app(settings(retry_after=17), [sink]) as (_, client):
+        failed = await client.post("/events", content=body, headers=signed(body))
+        retried = await client.post("/events", content=body, headers=signed(body))
+    assert failed.status_code == 503
+    assert failed.headers["Retry-After"] == "17"
+    assert failed.json() == {
+        "error": "sink_unavailable",
+        "detail": "not stored by flaky; DT should retry",
+        "sinks": ["flaky"],
+    }
+    assert retried.json()["status"] == "accepted"
+    assert len(drain(sink)) == 1
+
+
+async def test_half_delivered_event_is_not_a_success() -> None:
+    """One sink storing the event is not enough when another fails."""
+    body = sample_body()
+    good, bad = QueueSink(), FlakySink(failures=1)
+    async with serve_app(settings(), [good, bad]) as (_, client):
+        response = await client.post("/events", content=body, headers=signed(body))
+    assert response.status_code == 503
+    assert response.json()["sinks"] == ["flaky"]
+
+
+async def test_sink_slower_than_the_deadline_gets_503() -> None:
+    body = sample_body()
+    sink = StuckSink()
+    async with serve_app(settings(sink_timeout=0.05), [sink]) as (_, client):
+        response = await client.post("/events", content=body, headers=signed(body))
+        sink.release.set()
+        retry = await client.post("/events", content=body, headers=signed(body))
+    assert response.status_code == 503
+    assert "Retry-After" in response.headers
+    assert retry.json()["status"] == "accepted"
+
+
+async def test_body_over_the_cap_is_413_before_verification() -> None:
+    body = b'{"event":{"pad":"' + b"x" * 5000 + b'"}}'
+    async with serve_app(settings(max_body_bytes=4096), [QueueSink()]) as (_, client):
+        declared = await client.post("/events", content=body, headers=signed(body))
+
+        async def chunks() -> Any:
+            yield body[:3000]
+            yield body[3000:]
+
+        streamed = await client.post("/events", content=chunks(), headers=signed(body))
+    for response in (declared, streamed):
+        assert response.status_code == 413
+        assert response.json()["error"] == "body_too_large"
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[1,2]", '{"a":1}'.encode("utf-16")])
+async def test_signed_body_that_is_not_a_json_object_is_400(body: bytes) -> None:
+    async with serve_app(settings(), [QueueSink()]) as (_, client):
+        response = await client.post("/events", content=body, headers=signed(body))
+    assert response.status_code == 400
+    assert response.json()["error"] == "malformed_body"
+
+
+async def test_unknown_event_type_is_accepted_delivered_and_counted() -> None:
+    """A new DT event type must never cause a 12-hour retry storm."""
+    doc = json.loads(sample_body("touch"))
+    doc["event"]["eventType"] = "lightLevel"
+    doc["event"]["data"] = {"lightLevel": {"lux": 300, "updateTime": doc["event"]["timestamp"]}}
+    body = json.dumps(doc, separators=(",", ":")).encode()
+    sink = QueueSink()
+    async with serve_app(settings(), [sink]) as (_, client):
+        response = await client.post("/events", content=body, headers=signed(body))
+        health = await client.get("/healthz")
+    assert response.status_code == 200
+    [event] = drain(sink)
+    assert event.parsed.outcome is ParseOutcome.UNKNOWN
+    assert event.body == body
+    assert health.json()["counts"]["unknown"] == 1
+
+
+async def test_signed_json_that_does_not_fit_the_models_is_kept_and_flagged() -> None:
+    doc = json.loads(sample_body("temperature"))
+    doc["event"]["data"]["temperature"]["value"] = "warm"
+    body = json.dumps(doc, separators=(",", ":")).encode()
+    sink = QueueSink()
+    async with serve_app(settings(), [sink]) as (_, client):
+        response = await client.post("/events", content=body, headers=signed(body))
+    assert response.status_code == 200
+    [event] = drain(sink)
+    assert event.parsed.outcome is ParseOutcome.INVALID
+    assert event.parsed.error is not None
+    assert "value" in event.parsed.error
+
+
+async def test_verification_off_accepts_and_marks_unverified() -> None:
+    sink = QueueSink()
+    async with serve_app(Settings(verify_mode="off"), [sink]) as (_, client):
+        response = await client.post("/events", content=sample_body())
+    assert response.status_code == 200
+    assert drain(sink)[0].verified is False
+
+
+async def test_path_is_configurable() -> None:
+    body = sample_body()
+    async with serve_app(settings(path="/dt/hook"), [QueueSink()]) as (_, client):
+        moved = await client.post("/dt/hook", content=body, headers=signed(body))
+        old = await client.post("/events", content=body, headers=signed(body))
+    assert moved.status_code == 200
+    assert old.status_code in (404, 405)
+
+
+async def test_readyz_names_a_failing_sink() -> None:
+    sink = QueueSink()
+    async with serve_app(settings(), [sink]) as (_, client):
+        ready = await client.get("/readyz")
+        await sink.close()
+        unready = await client.get("/readyz")
+    assert ready.status_code == 200
+    assert unready.status_code == 503
+    assert "queue" in unready.json()["failing"]
+
+
+async def test_ingest_route_is_in_the_openapi_document() -> None:
+    async with serve_app(settings(), [QueueSink()]) as (_, client):
+        spec = (await client.get("/openapi.json")).json()
+    assert "post" in spec["paths"]["/events"]
