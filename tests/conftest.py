@@ -15,14 +15,8 @@ from app.main import create_app
 from app.settings import Settings
 from app.sinks import Sink
 
-
-def shared_dir() -> Path:
-    """``shared/`` beside the repo (as CI lays it out), or wherever DCON_SHARED_DIR says."""
-    override = os.environ.get("DCON_SHARED_DIR")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "shared"
-
-
-PAYLOADS = shared_dir() / "payloads"
+# DT's sample bodies and its two real signed requests (see tests/payloads/README.md).
+PAYLOADS = Path(__file__).resolve().parent / "payloads"
 
 
 def payload_files() -> list[Path]:

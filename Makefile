@@ -1,0 +1,38 @@
+# One target per habit. Every target sets up the virtualenv it needs first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+# `make run` is the local, embedded setup: log + file sinks, no external service, and the
+# shared-secret scheme with a development secret so that `dcon-receiver send` can sign.
+run: export DCON_VERIFY_MODE ?= secret
+run: export DCON_SIGNATURE_SECRETS ?= dev-secret
+
+.PHONY: run test lint fmt bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/dcon-receiver serve
+
+test: $(BIN)/.installed
+	$(BIN)/pytest --cov --cov-report=term-missing:skip-covered
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: $(BIN)/.installed
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/file_sink.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov
