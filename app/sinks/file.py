@@ -1,0 +1,280 @@
+"""``file``: events as JSON Lines, on disk before ``send`` returns.
+
+Concurrent ``send`` calls are group-committed: one writer task takes every pending line,
+appends the whole batch with one ``os.write`` (and one ``fsync``) on the sink's own worker
+thread, then wakes each caller. Only that thread touches the file, so lines never
+interleave, and rotation happens between batches so that no line is split across files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import stat
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from app.sinks.base import SinkError
+
+if TYPE_CHECKING:
+    from app.received import ReceivedEvent
+    from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+NAME = "file"
+FILE_MODE = 0o640
+OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+
+Pending = tuple[bytes, asyncio.Future[None]]
+
+
+def rotated_path(path: Path, now: datetime) -> Path:
+    """``events.jsonl`` → ``events-20261126T010203.123456Z.jsonl``, never an existing name.
+
+    On a clash the stamp moves on by a microsecond rather than taking a counter suffix,
+    so that rotated files still sort by name in the order they were written.
+    """
+    while True:
+        candidate = path.with_name(f"{path.stem}-{now:%Y%m%dT%H%M%S.%fZ}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+        now += timedelta(microseconds=1)
+
+
+def _last_byte(path: Path, size: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(size - 1)
+        return f.read(1)
+
+
+class LineFile:
+    """The file itself, driven from one thread at a time: open, append, rotate, close."""
+
+    def __init__(self, path: Path, *, fsync: bool, max_bytes: int) -> None:
+        self.path = path
+        self.fsync = fsync
+        self.max_bytes = max_bytes
+        self.fd: int | None = None
+        self.size = 0
+        # The file may end mid-line (a crash, a failed write): the next write starts with
+        # a newline so that a new event is never glued onto a torn one.
+        self.torn = False
+
+    def open(self) -> None:
+        """Create the directory and open the file for appending; note a torn last line."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, OPEN_FLAGS, FILE_MODE)
+        try:
+            self._inspect()
+        except OSError:
+            self.close()  # a failed connect must not leak the descriptor
+            raise
+
+    def _inspect(self) -> None:
+        info = os.fstat(self._fd())
+        # Devices and pipes (e.g. /dev/full) have no size worth checking.
+        self.size = info.st_size if stat.S_ISREG(info.st_mode) else 0
+        self.torn = self.size > 0 and _last_byte(self.path, self.size) != b"\n"
+        if self.torn:
+            log.warning(
+                "%s does not end with a newline (torn last line); the next event starts "
+                "on a fresh line at byte %d",
+                self.path,
+                self.size,
+            )
+        if self.fsync:
+            # Makes a newly created (or freshly rotated) file's directory entry durable.
+            self._sync_directory()
+
+    def append(self, lines: bytes) -> None:
+        """Append whole lines with one write (and one fsync), rotating first if due."""
+        if self.fd is None:
+            self.open()  # a rotation that failed half-way left no file open
+        if self._rotation_due(len(lines)):
+            self.rotate()
+        self._write_all(b"\n" + lines if self.torn else lines)
+        if self.fsync:
+            os.fsync(self._fd())
+
+    def rotate(self) -> None:
+        """Move the current file aside under a UTC timestamp and start a fresh one."""
+        self.close()
+        os.rename(self.path, rotated_path(self.path, datetime.now(UTC)))
+        self.open()
+
+    def check(self) -> None:
+        """Raise ``OSError`` unless the open file is still the one at ``path`` and writable."""
+        here = os.fstat(self._fd())
+        if not os.access(self.path.parent, os.W_OK):
+            raise PermissionError(errno.EACCES, "directory is not writable", str(self.path))
+        # Writing on into a deleted or moved-away file would hide every event from readers.
+        try:
+            same = os.path.samestat(here, os.stat(self.path))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise FileNotFoundError(errno.ENOENT, "file was replaced or removed", str(self.path))
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _fd(self) -> int:
+        if self.fd is None:
+            raise OSError(errno.EBADF, "file is not open", str(self.path))
+        return self.fd
+
+    def _rotation_due(self, incoming: int) -> bool:
+        return self.max_bytes > 0 and self.size > 0 and self.size + incoming > self.max_bytes
+
+    def _write_all(self, data: bytes) -> None:
+        # os.write may write less than asked (signals, quotas, a nearly full disk); with
+        # O_APPEND each continuation still lands at the end, right after the previous part.
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self._fd(), view)
+                if written == 0:
+                    raise OSError(errno.EIO, "write made no progress", str(self.path))
+            except OSError:
+                if len(view) < len(data):
+                    self.torn = True
+                raise
+            self.size += written
+            view = view[written:]
+        self.torn = False
+
+    def _sync_directory(self) -> None:
+        fd = os.open(self.path.parent, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class FileSink:
+    """Append each event to a JSON Lines file; ``send`` returns once its line is written.
+
+    With ``fsync`` on, the line is also fsynced before ``send`` returns. With
+    ``max_bytes`` > 0 the file is rotated before a batch that would take it past that
+    size. An instance is connected once and closed once.
+    """
+
+    name = NAME
+
+    def __init__(self, path: Path, *, fsync: bool, max_bytes: int) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        self.max_bytes = max_bytes
+        self.batches = 0  # group commits done, each one write (and one fsync)
+        self._file = LineFile(self.path, fsync=fsync, max_bytes=max_bytes)
+        # One dedicated thread: file operations run in order, and one left running by a
+        # cancelled await can never overlap the next one.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="file-sink")
+        self._pending: deque[Pending] = deque()
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FileSink:
+        return cls(settings.file_path, fsync=settings.file_fsync, max_bytes=settings.file_max_bytes)
+
+    async def connect(self) -> None:
+        """Open the file (creating its directory) and start the writer."""
+        if self._closing:
+            raise SinkError(NAME, f"{self.path}: sink is closed")
+        if self._writer is not None:
+            return
+        try:
+            await self._in_thread(self._file.open)
+        except OSError as exc:
+            raise SinkError(NAME, f"cannot open {self.path}: {exc}") from exc
+        self._writer = asyncio.create_task(self._write_batches(), name=f"file-sink {self.path}")
+
+    async def send(self, event: ReceivedEvent) -> None:
+        """Return once the event's line is in the file (and fsynced when fsync is on)."""
+        if self._writer is None or self._writer.done() or self._closing:
+            raise SinkError(NAME, f"{self.path}: {'closed' if self._closing else 'not open'}")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((event.record() + b"\n", done))
+        self._wake.set()
+        await done
+
+    async def ping(self) -> None:
+        """Raise ``SinkError`` unless the file is open, still in place, and writable."""
+        if self._writer is None or self._writer.done():
+            raise SinkError(NAME, f"{self.path}: not open")
+        try:
+            await self._in_thread(self._file.check)
+        except OSError as exc:
+            raise SinkError(NAME, f"{self.path}: {exc}") from exc
+
+    async def close(self) -> None:
+        """Write every line already sent, stop the writer and close the file."""
+        self._closing = True
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        self._wake.set()
+        # wait() rather than await: a cancelled close must not cancel the writer mid-batch.
+        await asyncio.wait([writer])
+        try:
+            await self._in_thread(self._file.close)
+        finally:
+            self._thread.shutdown(wait=False)
+
+    async def _in_thread(self, func: Callable[..., None], *args: bytes) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, func, *args)
+
+    async def _write_batches(self) -> None:
+        try:
+            while self._pending or not self._closing:
+                if not self._pending:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                await self._commit(self._take_batch())
+        finally:
+            _settle(list(self._pending), "the writer stopped")
+            self._pending.clear()
+
+    def _take_batch(self) -> list[Pending]:
+        # A caller cancelled before its turn gave up on its line: leave it out.
+        batch = [item for item in self._pending if not item[1].done()]
+        self._pending.clear()
+        return batch
+
+    async def _commit(self, batch: list[Pending]) -> None:
+        if not batch:
+            return
+        self.batches += 1
+        try:
+            await self._in_thread(self._file.append, b"".join(line for line, _ in batch))
+        except Exception as exc:
+            _settle(batch, f"cannot write {self.path}: {exc}")
+            return
+        except BaseException:
+            # Cancelled mid-batch: the lines may or may not be written, so no success.
+            _settle(batch, "the write was interrupted")
+            raise
+        _settle(batch, None)
+
+
+def _settle(batch: list[Pending], error: str | None) -> None:
+    """Wake every caller still waiting: success, or its own ``SinkError``."""
+    for _, done in batch:
+        if done.done():
+            continue  # its caller was cancelled
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(SinkError(NAME, error))
