@@ -120,3 +120,34 @@ def send(
             click.echo(f"{response.status_code} {response.text}")
             failures += not response.is_success
     sys.exit(1 if failures else 0)
+
+
+@main.command("dev-keys")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--kid", default="local", show_default=True, help="kid of the key.")
+def dev_keys(directory: Path, kid: str) -> None:
+    """Make a local EC P-256 key and its JWKS, to rehearse the asymmetric scheme.
+
+    Pin the JWKS with DCON_DT_JWKS_FILE=DIRECTORY/jwks.json and sign with
+    `send --key DIRECTORY/private.pem`.
+    """
+    import json
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    private = directory / "private.pem"
+    private.touch(mode=0o600)
+    private.write_bytes(pem)
+    public = ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    jwks = {"keys": [{**public, "kid": kid, "use": "sig", "alg": "ES256"}]}
+    (directory / "jwks.json").write_text(json.dumps(jwks, indent=2) + "\n")
+    click.echo(f"wrote {private} (keep it private) and {directory / 'jwks.json'}")

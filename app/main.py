@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from app import __version__
+from app.asymmetric import AsymmetricScheme, DTKeys
 from app.dedup import MemoryDedup
 from app.delivery import Delivery
 from app.errors import ConfigError
@@ -26,17 +27,23 @@ from app.logs import configure_logging
 from app.receiver import Receiver
 from app.settings import Settings, load_settings
 from app.signature import Scheme, SecretScheme, TokenAge, Verifier
-from app.sinks import Sink, SinkError, build_sinks
+from app.sinks import Sink, SinkConfigError, SinkError, build_sinks
 
 log = logging.getLogger("dcon")
 
 
-def _schemes(settings: Settings, age: TokenAge) -> list[Scheme]:
+def build_verifier(settings: Settings) -> tuple[Verifier, DTKeys | None]:
+    """The configured schemes, and DT's keys when the asymmetric scheme needs them."""
+    age = TokenAge(settings.max_token_age, settings.token_leeway)
     schemes: list[Scheme] = []
+    keys: DTKeys | None = None
     for name in settings.schemes:
-        if name == "secret":
+        if name == "asymmetric":
+            keys = DTKeys.from_settings(settings)
+            schemes.append(AsymmetricScheme.from_settings(settings, age, keys))
+        else:
             schemes.append(SecretScheme(settings.signature_secrets, age))
-    return schemes
+    return Verifier(schemes), keys
 
 
 def _warn_about(settings: Settings) -> None:
@@ -65,14 +72,16 @@ async def _connect(sinks: Sequence[Sink]) -> None:
 def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> FastAPI:
     """Build the receiver. ``sinks`` overrides ``settings.sinks`` (embedding and tests)."""
     chosen = list(sinks) if sinks is not None else build_sinks(settings)
+    verifier, keys = build_verifier(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        age = TokenAge(settings.max_token_age, settings.token_leeway)
-        verifier = Verifier(_schemes(settings, age))
         _warn_about(settings)
+        if keys is not None:
+            await keys.start()
         await _connect(chosen)
         app.state.sinks = chosen
+        app.state.keys = keys
         app.state.receiver = Receiver(
             verifier,
             MemoryDedup(settings.dedup_window, settings.dedup_max_entries),
@@ -89,6 +98,8 @@ def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> Fa
         finally:
             for sink in reversed(chosen):
                 await sink.close()
+            if keys is not None:
+                await keys.close()
 
     app = FastAPI(title="dcon-receiver", version=__version__, lifespan=lifespan)
     app.state.settings = settings
@@ -116,9 +127,13 @@ async def healthz(request: Request) -> dict[str, Any]:
 
 
 async def readyz(request: Request) -> JSONResponse:
+    """503 naming what is not ready: a sink that fails its ping, or DT's keys not loaded."""
     sinks: Sequence[Sink] = request.app.state.sinks
+    keys: DTKeys | None = request.app.state.keys
     results = await asyncio.gather(*(s.ping() for s in sinks), return_exceptions=True)
     failing = {s.name: str(r) for s, r in zip(sinks, results, strict=True) if r is not None}
+    if keys is not None and not keys.ready:
+        failing["dt_keys"] = keys.status().last_error or "DT's signing keys are not loaded"
     body = {"status": "unready" if failing else "ready", "failing": failing}
     return JSONResponse(body, status_code=503 if failing else 200)
 
@@ -127,10 +142,10 @@ async def readyz(request: Request) -> JSONResponse:
 def _app_from_environment() -> FastAPI:
     try:
         settings = load_settings()
-    except ConfigError as exc:
+        configure_logging(settings.log_level)
+        return create_app(settings)
+    except (ConfigError, SinkConfigError) as exc:
         raise SystemExit(f"dcon-receiver: {exc}") from None
-    configure_logging(settings.log_level)
-    return create_app(settings)
 
 
 def __getattr__(name: str) -> Any:
