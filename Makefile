@@ -32,6 +32,7 @@ fmt: $(BIN)/.installed
 	$(BIN)/ruff format .
 
 bench: $(BIN)/.installed
+	$(BIN)/python bench/signature.py
 	$(BIN)/python bench/file_sink.py
 
 clean:
