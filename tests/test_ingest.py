@@ -266,3 +266,17 @@ async def test_ingest_route_is_in_the_openapi_document() -> None:
     async with serve_app(settings(), [QueueSink()]) as (_, client):
         spec = (await client.get("/openapi.json")).json()
     assert "post" in spec["paths"]["/events"]
+
+
+async def test_signed_body_without_an_event_id_is_still_stored() -> None:
+    """Nothing to deduplicate on is no reason to lose a signed body."""
+    body = b'{"event":{"eventType":"touch"},"labels":{}}'
+    sink = QueueSink()
+    async with serve_app(settings(), [sink]) as (_, client):
+        first = await client.post("/events", content=body, headers=signed(body))
+        second = await client.post("/events", content=body, headers=signed(body))
+    assert first.json() == {"status": "accepted", "eventId": None}
+    assert second.status_code == 200
+    events = drain(sink)
+    assert len(events) == 2
+    assert events[0].parsed.outcome is ParseOutcome.INVALID

@@ -45,7 +45,10 @@ def _resolve(name: str) -> Any:
             raise SinkConfigError(f"sink {name!r} needs {exc.name}{hint}") from exc
         return getattr(module, attr)
     for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
-        return ep.load()
+        try:
+            return ep.load()
+        except ImportError as exc:
+            raise SinkConfigError(f"sink {name!r} ({ep.value}) cannot be imported: {exc}") from exc
     raise SinkConfigError(f"DCON_SINKS: unknown sink {name!r}; available: {', '.join(available())}")
 
 
@@ -53,7 +56,10 @@ def build_sinks(settings: Settings) -> list[Sink]:
     """Build (without any I/O) every sink named in ``settings.sinks``, in order."""
     sinks = []
     for name in settings.sinks:
-        sink = _resolve(name).from_settings(settings)
+        factory = _resolve(name)
+        if not callable(getattr(factory, "from_settings", None)):
+            raise SinkConfigError(f"sink {name!r} does not implement the Sink interface")
+        sink = factory.from_settings(settings)
         if not isinstance(sink, Sink):
             raise SinkConfigError(f"sink {name!r} does not implement the Sink interface")
         sinks.append(sink)
