@@ -14,7 +14,7 @@ from app.dedup import MemoryDedup
 from app.delivery import Delivery
 from app.events import ParseOutcome, parse_body
 from app.received import ReceivedEvent
-from app.signature import Verifier
+from app.signature import Verification, Verifier
 
 log = logging.getLogger("dcon.receiver")
 
@@ -31,6 +31,7 @@ class Receiver:
         self.dedup = dedup
         self.delivery = delivery
         self.counts: Counter[str] = Counter()
+        self._keys_seen: set[str] = set()
 
     async def receive(self, body: bytes, headers: Mapping[str, str]) -> Ack:
         """Take one DT request; return only once the event is safe in every sink.
@@ -38,6 +39,7 @@ class Receiver:
         Raises ``SignatureError``, ``MalformedBody`` or ``DeliveryFailed``.
         """
         verification = self.verifier.verify(body, headers)
+        self._note_keys(verification)
         parsed = parse_body(body)
         event = ReceivedEvent(body, parsed, verification, datetime.now(UTC))
         if parsed.outcome is not ParseOutcome.TYPED:
@@ -66,3 +68,11 @@ class Receiver:
         self.dedup.commit(event_id)
         self.counts["accepted"] += 1
         return Ack("accepted", event)
+
+    def _note_keys(self, verification: Verification) -> None:
+        # Say once when a key is first used (e.g. "secret #2" during a rotation), so an
+        # operator sees the switch happen without a log line per event.
+        for passed in verification.passes:
+            if passed.key not in self._keys_seen:
+                self._keys_seen.add(passed.key)
+                log.info("first event verified by %s with %s", passed.scheme, passed.key)

@@ -280,3 +280,17 @@ async def test_signed_body_without_an_event_id_is_still_stored() -> None:
     events = drain(sink)
     assert len(events) == 2
     assert events[0].parsed.outcome is ParseOutcome.INVALID
+
+
+async def test_rotation_logs_which_secret_matched_never_the_secret(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    body = sample_body()
+    s = settings(signature_secrets=["brand-new-secret", SECRET])
+    with caplog.at_level("INFO", logger="dcon"):
+        async with serve_app(s, [QueueSink()]) as (_, client):
+            response = await client.post("/events", content=body, headers=signed(body))
+    assert response.status_code == 200
+    assert "secret #2" in caplog.text
+    assert SECRET not in caplog.text
+    assert "brand-new-secret" not in caplog.text
