@@ -3,12 +3,13 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-# `make run` is the local, embedded setup: log + file sinks, no external service, and the
-# shared-secret scheme with a development secret so that `dcon-receiver send` can sign.
+# `make run` is the local, embedded setup: HTTPS on 8443 with a local CA made on first run,
+# log + file sinks, no external service, and the shared-secret scheme with a development
+# secret so that `dcon-receiver send` can sign.
 run: export DCON_VERIFY_MODE ?= secret
 run: export DCON_SIGNATURE_SECRETS ?= dev-secret
 
-.PHONY: run test lint fmt bench clean
+.PHONY: run test lint fmt bench certs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,9 @@ $(BIN)/.installed: pyproject.toml
 
 run: $(BIN)/.installed
 	$(BIN)/dcon-receiver serve
+
+certs: $(BIN)/.installed
+	$(BIN)/dcon-receiver certs --dir certs
 
 test: $(BIN)/.installed
 	$(BIN)/pytest --cov --cov-report=term-missing:skip-covered

@@ -12,7 +12,7 @@ import httpx
 from app import __version__
 from app.errors import ConfigError
 from app.samples import EVENT_TYPES, sample_body
-from app.settings import DT_ISSUER, load_settings
+from app.settings import DT_ISSUER, Settings, load_settings
 from app.signing import sign_asymmetric, sign_secret
 
 
@@ -37,6 +37,7 @@ def serve(config: Path | None, host: str | None, port: int | None) -> None:
     from app.logs import configure_logging
     from app.main import create_app
     from app.sinks import SinkConfigError
+    from app.tls import AEAD_CIPHERS, ServerConfig
 
     if config is not None:
         os.environ["DCON_CONFIG"] = str(config)
@@ -44,16 +45,115 @@ def serve(config: Path | None, host: str | None, port: int | None) -> None:
     try:
         settings = load_settings(**overrides)
         configure_logging(settings.log_level)
+        if settings.tls:
+            _ensure_certificates(settings)
         application = create_app(settings)
     except (ConfigError, SinkConfigError) as exc:
         raise click.ClickException(str(exc)) from None
-    uvicorn.run(application, host=settings.host, port=settings.port, log_level=settings.log_level)
+    tls: dict[str, object] = {}
+    if settings.tls:
+        tls = {
+            "ssl_certfile": str(settings.tls_certfile),
+            "ssl_keyfile": str(settings.tls_keyfile),
+            "ssl_ciphers": AEAD_CIPHERS,
+        }
+    server_config = ServerConfig(
+        application,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        proxy_headers=settings.proxy_headers,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+        reload_interval=settings.tls_reload_interval,
+        **tls,
+    )
+    uvicorn.Server(server_config).run()
+
+
+def _ensure_certificates(settings: Settings) -> None:
+    """Make local certificates on first run when allowed; otherwise insist they exist."""
+    from app.certs import CertPaths, write_local_certs
+
+    cert, key = settings.tls_certfile, settings.tls_keyfile
+    present = [p.exists() for p in (cert, key)]
+    if all(present):
+        return
+    if any(present) or not settings.tls_self_signed:
+        missing = "DCON_TLS_CERTFILE" if not cert.exists() else "DCON_TLS_KEYFILE"
+        raise ConfigError(
+            f"{missing}: no such file {str(cert if missing.endswith('CERTFILE') else key)!r} "
+            "(run `dcon-receiver certs` for a local certificate, or set DCON_TLS=false "
+            "behind a TLS-terminating proxy)"
+        )
+    paths = CertPaths.in_directory(cert.parent)
+    paths = CertPaths(paths.ca, paths.ca_key, cert, key)
+    write_local_certs(paths)
+    click.echo(
+        f"created a local CA ({paths.ca}) and a certificate for localhost ({cert}); "
+        "clients must trust the CA. DT itself only accepts publicly trusted certificates.",
+        err=True,
+    )
+
+
+@main.command()
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("certs"),
+    show_default=True,
+    help="Where to write ca.pem, ca-key.pem, server.pem and server-key.pem.",
+)
+@click.option(
+    "--name",
+    "names",
+    multiple=True,
+    help="Extra DNS name or IP address for the certificate (repeatable).",
+)
+@click.option("--force", is_flag=True, help="Replace certificates that already exist.")
+def certs(directory: Path, names: tuple[str, ...], force: bool) -> None:
+    """Create a local CA and a server certificate (localhost, 127.0.0.1, ::1 and --name)."""
+    from app.certs import CertPaths, write_local_certs
+
+    paths = CertPaths.in_directory(directory)
+    existing = [str(p) for p in (paths.ca, paths.server) if p.exists()]
+    if existing and not force:
+        raise click.ClickException(f"{', '.join(existing)} already exist; use --force to replace")
+    write_local_certs(paths, names)
+    click.echo(f"wrote {paths.ca} (trust this), {paths.server} and {paths.server_key}")
+
+
+@main.command()
+def healthcheck() -> None:
+    """Exit 0 if the receiver configured by DCON_* answers /healthz (for containers)."""
+    import ssl
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104
+    scheme = "https" if settings.tls else "http"
+    # This asks our own process on its own address whether it is alive; the certificate
+    # may name a public host, so identity is not what is checked here.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        response = httpx.get(
+            f"{scheme}://{host}:{settings.port}/healthz", verify=context, timeout=5
+        )
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"no answer: {exc}") from None
+    if response.status_code != 200:
+        raise click.ClickException(f"/healthz answered {response.status_code}")
+    click.echo("ok")
 
 
 @main.command()
 @click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
-    "--url", default="http://127.0.0.1:8000/events", show_default=True, help="Receiver endpoint."
+    "--url", default="https://127.0.0.1:8443/events", show_default=True, help="Receiver endpoint."
 )
 @click.option(
     "--type",
@@ -105,9 +205,12 @@ def send(
         if files
         else [sample_body(event_type) for _ in range(count)]
     )
+    import ssl
+
     key = key_file.read_bytes() if key_file else None
     failures = 0
-    with httpx.Client(verify=cacert or True, timeout=15) as client:
+    trust = ssl.create_default_context(cafile=cacert)
+    with httpx.Client(verify=trust, timeout=15) as client:
         for body in bodies:
             headers = {}
             if secret:
@@ -116,7 +219,10 @@ def send(
                 headers["DT-Asymmetric-Signature"] = sign_asymmetric(
                     body, key, kid=kid, issuer=issuer, org_id=org_id
                 )
-            response = client.post(url, content=body, headers=headers)
+            try:
+                response = client.post(url, content=body, headers=headers)
+            except httpx.TransportError as exc:
+                raise click.ClickException(f"{url}: {exc}") from None
             click.echo(f"{response.status_code} {response.text}")
             failures += not response.is_success
     sys.exit(1 if failures else 0)

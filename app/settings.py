@@ -44,10 +44,31 @@ class Settings(BaseSettings):
 
     # --- serving -------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address to listen on.")
-    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    port: int = Field(8443, ge=1, le=65535, description="Port to listen on.")
     path: str = Field("/events", description="URL path DT posts to (the Data Connector URL).")
     max_body_bytes: int = Field(
         256 * 1024, ge=1024, description="Largest request body accepted; larger gets 413."
+    )
+    tls: bool = Field(
+        True, description="Serve HTTPS. false = plain HTTP behind a TLS-terminating proxy."
+    )
+    tls_certfile: Path = Field(
+        Path("certs/server.pem"), description="Certificate chain (PEM, server first)."
+    )
+    tls_keyfile: Path = Field(Path("certs/server-key.pem"), description="Its private key (PEM).")
+    tls_self_signed: bool = Field(
+        True,
+        description="Create a local CA and certificate at those paths when both are missing "
+        "(local use only: DT refuses self-signed certificates).",
+    )
+    tls_reload_interval: float = Field(
+        30, ge=0, description="Seconds between checks for renewed certificate files; 0 = off."
+    )
+    proxy_headers: bool = Field(
+        False, description="Trust X-Forwarded-For/-Proto from DCON_FORWARDED_ALLOW_IPS."
+    )
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1", description="Comma-separated proxy addresses (or *) whose headers count."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of the receiver and uvicorn."

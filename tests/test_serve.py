@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -29,9 +30,24 @@ def free_port() -> int:
 
 
 def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A clean environment whose files (events, certificates) all live under tmp_path."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DCON_", "DT_"))}
-    env.update(DCON_FILE_PATH=str(tmp_path / "data" / "events.jsonl"), **extra)
+    env.update(
+        DCON_FILE_PATH=str(tmp_path / "data" / "events.jsonl"),
+        DCON_TLS_CERTFILE=str(tmp_path / "certs" / "server.pem"),
+        DCON_TLS_KEYFILE=str(tmp_path / "certs" / "server-key.pem"),
+        **extra,
+    )
     return env
+
+
+def base_url(env: dict[str, str], port: int) -> str:
+    scheme = "http" if env.get("DCON_TLS") == "false" else "https"
+    return f"{scheme}://localhost:{port}"
+
+
+def ca_file(env: dict[str, str]) -> str:
+    return str(Path(env["DCON_TLS_CERTFILE"]).parent / "ca.pem")
 
 
 @contextmanager
@@ -40,16 +56,17 @@ def running(command: Sequence[str], env: dict[str, str], port: int) -> Iterator[
     log_path = Path(env["DCON_FILE_PATH"]).parent.parent / "server.log"
     log = log_path.open("wb")
     proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    url = base_url(env, port)
     try:
         deadline = time.monotonic() + 30
         while True:
             assert proc.poll() is None, log_path.read_text()
             try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                trust = ssl.create_default_context(cafile=ca_file(env)) if "https" in url else True
+                if httpx.get(f"{url}/healthz", timeout=1, verify=trust).status_code == 200:
                     break
-            except httpx.TransportError:
-                pass
+            except (httpx.TransportError, OSError):
+                pass  # not listening yet, or the certificate is still being written
             assert time.monotonic() < deadline, "receiver did not start"
             time.sleep(0.1)
         yield url
@@ -85,8 +102,10 @@ def test_serve_and_send_with_the_shared_secret(tmp_path: Path) -> None:
         tmp_path, DCON_PORT=str(port), DCON_VERIFY_MODE="secret", DCON_SIGNATURE_SECRETS="s3"
     )
     with running([sys.executable, "-m", "app", "serve"], env, port) as url:
-        ok = send("--url", f"{url}/events", "--secret", "s3", "--count", "3", "--type", "co2")
-        bad = send("--url", f"{url}/events", "--secret", "wrong")
+        assert url.startswith("https://")
+        tls = ("--cacert", ca_file(env))
+        ok = send("--url", f"{url}/events", *tls, "--secret", "s3", "--count", "3", "--type", "co2")
+        bad = send("--url", f"{url}/events", *tls, "--secret", "wrong")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.count("200 ") == 3
     assert bad.returncode == 1
@@ -101,7 +120,7 @@ def test_serve_and_send_with_the_shared_secret(tmp_path: Path) -> None:
 def test_uvicorn_deploy_line_serves_the_same_app(tmp_path: Path) -> None:
     """`uvicorn app.main:app` reads the same DCON_* settings."""
     port = free_port()
-    env = base_env(tmp_path, DCON_VERIFY_MODE="secret", DT_SIGNATURE_SECRET="s3")
+    env = base_env(tmp_path, DCON_TLS="false", DCON_VERIFY_MODE="secret", DT_SIGNATURE_SECRET="s3")
     command = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port)]
     with running(command, env, port) as url:
         ok = send("--url", f"{url}/events", "--secret", "s3")
@@ -131,9 +150,11 @@ def test_asymmetric_rehearsal_with_a_pinned_local_key(tmp_path: Path) -> None:
     )
     key = str(keys / "private.pem")
     with running([sys.executable, "-m", "app", "serve"], env, port) as url:
-        ok = send("--url", f"{url}/events", "--key", key, "--org-id", "my-org")
-        other_org = send("--url", f"{url}/events", "--key", key, "--org-id", "not-mine")
-        ready = httpx.get(f"{url}/readyz", timeout=5)
+        tls = ("--cacert", ca_file(env))
+        ok = send("--url", f"{url}/events", *tls, "--key", key, "--org-id", "my-org")
+        other_org = send("--url", f"{url}/events", *tls, "--key", key, "--org-id", "not-mine")
+        trust = ssl.create_default_context(cafile=ca_file(env))
+        ready = httpx.get(f"{url}/readyz", timeout=5, verify=trust)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "wrong_organization" in other_org.stdout
     assert ready.status_code == 200
