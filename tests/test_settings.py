@@ -114,3 +114,9 @@ def test_cli_refuses_a_bad_setting_with_a_clear_message(tmp_path: Path) -> None:
         assert done.returncode != 0
         assert "DCON_PORT" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for field in Settings.model_fields:
+        assert f"`DCON_{field.upper()}`" in readme, field
