@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from app.errors import DeliveryFailed
 from app.received import ReceivedEvent
@@ -13,9 +14,20 @@ from app.sinks.base import Sink
 log = logging.getLogger("dcon.delivery")
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A sink and the event types it takes (None: every event, unknown types included)."""
+
+    sink: Sink
+    event_types: frozenset[str] | None = None
+
+    def takes(self, event: ReceivedEvent) -> bool:
+        return self.event_types is None or event.event_type in self.event_types
+
+
 class Delivery:
-    def __init__(self, sinks: Sequence[Sink], timeout: float, retry_after: int) -> None:
-        self.sinks = tuple(sinks)
+    def __init__(self, routes: Sequence[Route], timeout: float, retry_after: int) -> None:
+        self.routes = tuple(routes)
         self.timeout = timeout
         self.retry_after = retry_after
 
@@ -26,7 +38,15 @@ class Delivery:
         others succeeded: the receiver then answers 503 and DT sends the event again, so
         a sink may see it twice but never zero times.
         """
-        tasks = {asyncio.ensure_future(sink.send(event)): sink.name for sink in self.sinks}
+        sinks = [route.sink for route in self.routes if route.takes(event)]
+        if not sinks:
+            log.warning(
+                "event %s of type %r matches no sink route; acknowledged without storing",
+                event.event_id,
+                event.event_type,
+            )
+            return
+        tasks = {asyncio.ensure_future(sink.send(event)): sink.name for sink in sinks}
         try:
             _, pending = await asyncio.wait(tasks, timeout=self.timeout)
         finally:

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from app import __version__
 from app.asymmetric import AsymmetricScheme, DTKeys
 from app.dedup import MemoryDedup
-from app.delivery import Delivery
+from app.delivery import Delivery, Route
 from app.errors import ConfigError
 from app.ingest import ingest
 from app.logs import configure_logging
@@ -47,6 +47,11 @@ def build_verifier(settings: Settings) -> tuple[Verifier, DTKeys | None]:
 
 
 def _warn_about(settings: Settings) -> None:
+    if all(types is not None for _, types in settings.sink_routes):
+        log.warning(
+            "every sink in DCON_SINKS has an event-type filter: events of other types "
+            "(including new DT types) are acknowledged and stored nowhere"
+        )
     if not settings.schemes:
         log.warning(
             "SIGNATURE VERIFICATION IS OFF (DCON_VERIFY_MODE=off): anyone who can reach "
@@ -71,7 +76,14 @@ async def _connect(sinks: Sequence[Sink]) -> None:
 
 def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> FastAPI:
     """Build the receiver. ``sinks`` overrides ``settings.sinks`` (embedding and tests)."""
-    chosen = list(sinks) if sinks is not None else build_sinks(settings)
+    if sinks is not None:
+        routes = [Route(sink) for sink in sinks]
+    else:
+        built = build_sinks(settings)
+        routes = [
+            Route(s, types) for s, (_, types) in zip(built, settings.sink_routes, strict=True)
+        ]
+    chosen = [route.sink for route in routes]
     verifier, keys = build_verifier(settings)
 
     @asynccontextmanager
@@ -85,7 +97,7 @@ def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> Fa
         app.state.receiver = Receiver(
             verifier,
             MemoryDedup(settings.dedup_window, settings.dedup_max_entries),
-            Delivery(chosen, settings.sink_timeout, settings.retry_after),
+            Delivery(routes, settings.sink_timeout, settings.retry_after),
         )
         log.info(
             "receiving on POST %s; signatures: %s; sinks: %s",

@@ -126,7 +126,8 @@ class Settings(BaseSettings):
     # --- delivery ------------------------------------------------------------------------
     sinks: CommaList = Field(
         default_factory=lambda: ["log", "file"],
-        description="Sinks every event goes to, comma-separated (log, file, queue, ...).",
+        description="Sinks, comma-separated: log, file, queue, redis, nats, rabbitmq, mqtt, "
+        "postgres. NAME:type+type routes only those event types to a sink.",
     )
     sink_timeout: float = Field(
         5.0, gt=0, le=9, description="Deadline in seconds for all sinks; past it, 503."
@@ -138,6 +139,40 @@ class Settings(BaseSettings):
         100 * 1024 * 1024, ge=0, description="Rotate the file past this size; 0 = never."
     )
     queue_maxsize: int = Field(10_000, ge=1, description="Capacity of the in-process queue.")
+
+    # --- broker and database sinks (each needs its extra: pip install "dcon-receiver[redis]")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis server for `redis`.")
+    redis_stream: str = Field(
+        "dt:events", description="Stream name (template: {projectId}, {eventType}, ...)."
+    )
+    redis_maxlen: int = Field(
+        1_000_000, ge=0, description="Approximate MAXLEN trim per stream; 0 = never trim."
+    )
+    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server for `nats`.")
+    nats_stream: str = Field("DT_EVENTS", description="JetStream stream, created if missing.")
+    nats_subject: str = Field(
+        "dt.{projectId}.{deviceType}.{eventType}", description="Subject template."
+    )
+    nats_duplicate_window: float = Field(
+        3600, gt=0, description="Seconds JetStream remembers Nats-Msg-Id for dedup."
+    )
+    rabbitmq_url: str = Field(
+        "amqp://guest:guest@127.0.0.1:5672/", description="AMQP server for `rabbitmq`."
+    )
+    rabbitmq_exchange: str = Field("dt.events", description="Durable topic exchange.")
+    rabbitmq_routing_key: str = Field(
+        "{projectId}.{deviceType}.{eventType}", description="Routing key template."
+    )
+    mqtt_url: str = Field(
+        "mqtt://127.0.0.1:1883",
+        description="MQTT broker for `mqtt` (mqtt:// or mqtts://, user:password@ allowed).",
+    )
+    mqtt_topic: str = Field("dt/{projectId}/{deviceId}/{eventType}", description="Topic template.")
+    mqtt_retain: bool = Field(False, description="Retain: each topic keeps its latest event.")
+    postgres_dsn: str = Field(
+        "postgresql://127.0.0.1:5432/postgres", description="PostgreSQL for `postgres`."
+    )
+    postgres_table: str = Field("dt_events", description="Table, created on first use.")
 
     @field_validator("signature_secrets", "sinks", mode="before")
     @classmethod
@@ -156,9 +191,23 @@ class Settings(BaseSettings):
     def _sinks(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("at least one sink is required")
-        if len(set(value)) != len(value):
+        names = [route.partition(":")[0] for route in value]
+        if len(set(names)) != len(names):
             raise ValueError("a sink is listed twice")
+        for route in value:
+            name, _, types = route.partition(":")
+            if not name.isidentifier() or (":" in route and not all(types.split("+"))):
+                raise ValueError(f"{route!r} is not NAME or NAME:type+type")
         return value
+
+    @property
+    def sink_routes(self) -> list[tuple[str, frozenset[str] | None]]:
+        """Each sink's name and the event types routed to it (None = every event)."""
+        routes = []
+        for route in self.sinks:
+            name, sep, types = route.partition(":")
+            routes.append((name, frozenset(types.split("+")) if sep else None))
+        return routes
 
     @model_validator(mode="after")
     def _mode_has_secret(self) -> Settings:

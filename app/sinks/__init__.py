@@ -26,6 +26,11 @@ BUILTIN: dict[str, tuple[str, str | None]] = {
     "log": ("app.sinks.log:LogSink", None),
     "file": ("app.sinks.file:FileSink", None),
     "queue": ("app.sinks.memory:QueueSink", None),
+    "redis": ("app.sinks.redis:RedisSink", "redis"),
+    "nats": ("app.sinks.nats:NatsSink", "nats"),
+    "rabbitmq": ("app.sinks.rabbitmq:RabbitMQSink", "rabbitmq"),
+    "mqtt": ("app.sinks.mqtt:MqttSink", "mqtt"),
+    "postgres": ("app.sinks.postgres:PostgresSink", "postgres"),
 }
 
 
@@ -55,7 +60,7 @@ def _resolve(name: str) -> Any:
 def build_sinks(settings: Settings) -> list[Sink]:
     """Build (without any I/O) every sink named in ``settings.sinks``, in order."""
     sinks = []
-    for name in settings.sinks:
+    for name, _ in settings.sink_routes:
         factory = _resolve(name)
         if not callable(getattr(factory, "from_settings", None)):
             raise SinkConfigError(f"sink {name!r} does not implement the Sink interface")
