@@ -4,6 +4,7 @@ optional TOML file named by ``DCON_CONFIG``. Validated before the port opens."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,9 @@ TWELVE_HOURS = 12 * 3600
 
 VerifyMode = Literal["auto", "secret", "asymmetric", "both", "off"]
 CommaList = Annotated[list[str], NoDecode]
+
+
+_PASSWORD_IN_URL = re.compile(r"(//[^/@:]*:)[^/@]*@")
 
 
 def _split_commas(value: Any) -> Any:
@@ -250,6 +254,9 @@ class Settings(BaseSettings):
         """The effective settings with every secret hidden, for logs and ``config``."""
         data = self.model_dump(mode="json")
         data["signature_secrets"] = [f"***({len(s)} chars)" for s in self.signature_secrets]
+        for key, value in data.items():
+            if key.endswith(("_url", "_dsn")) and isinstance(value, str):
+                data[key] = _PASSWORD_IN_URL.sub(r"\1***@", value)
         return data
 
 

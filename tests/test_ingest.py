@@ -294,3 +294,29 @@ async def test_rotation_logs_which_secret_matched_never_the_secret(
     assert "secret #2" in caplog.text
     assert SECRET not in caplog.text
     assert "brand-new-secret" not in caplog.text
+
+
+async def test_sinks_take_only_the_event_types_routed_to_them() -> None:
+    """`queue:temperature+humidity` gets those two types; an unfiltered sink gets all."""
+    s = settings(sinks=["queue:temperature+humidity", "log"])
+    async with serve_app(s) as (app, client):
+        [queue, _] = app.state.sinks
+        for event_type in ("temperature", "touch", "humidity", "co2"):
+            body = sample_body(event_type)
+            response = await client.post("/events", content=body, headers=signed(body))
+            assert response.status_code == 200
+        assert isinstance(queue, QueueSink)
+        assert [e.event_type for e in drain(queue)] == ["temperature", "humidity"]
+
+
+async def test_an_event_routed_nowhere_is_acknowledged_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    s = settings(sinks=["queue:temperature"])
+    with caplog.at_level("WARNING", logger="dcon"):
+        async with serve_app(s) as (_, client):
+            body = sample_body("touch")
+            response = await client.post("/events", content=body, headers=signed(body))
+    assert response.status_code == 200
+    assert "stored nowhere" in caplog.text
+    assert "matches no sink route" in caplog.text

@@ -120,3 +120,14 @@ def test_every_setting_is_documented_in_the_readme() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for field in Settings.model_fields:
         assert f"`DCON_{field.upper()}`" in readme, field
+
+
+def test_passwords_in_service_urls_are_masked() -> None:
+    s = Settings(
+        rabbitmq_url="amqp://guest:s3cr3t@127.0.0.1:5672/",
+        postgres_dsn="postgresql://dcon:pg-pass@db/dt",
+    )
+    shown = str(s.masked())
+    assert "s3cr3t" not in shown
+    assert "pg-pass" not in shown
+    assert "amqp://guest:***@127.0.0.1:5672/" in shown
