@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 run: export DCON_VERIFY_MODE ?= secret
 run: export DCON_SIGNATURE_SECRETS ?= dev-secret
 
-.PHONY: run test lint fmt bench certs clean
+.PHONY: run test lint fmt bench certs docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ fmt: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python bench/signature.py
 	$(BIN)/python bench/file_sink.py
+
+docs: $(BIN)/.installed
+	$(BIN)/python docs/settings_table.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov

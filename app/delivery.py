@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from app.errors import DeliveryFailed
+from app.metrics import Metrics
 from app.received import ReceivedEvent
 from app.sinks.base import Sink
 
@@ -26,10 +28,19 @@ class Route:
 
 
 class Delivery:
-    def __init__(self, routes: Sequence[Route], timeout: float, retry_after: int) -> None:
+    def __init__(
+        self, routes: Sequence[Route], timeout: float, retry_after: int, metrics: Metrics
+    ) -> None:
         self.routes = tuple(routes)
         self.timeout = timeout
         self.retry_after = retry_after
+        self.metrics = metrics
+
+    async def _send(self, sink: Sink, event: ReceivedEvent) -> None:
+        started = time.perf_counter()
+        await sink.send(event)
+        self.metrics.sink_seconds.labels(sink.name).observe(time.perf_counter() - started)
+        self.metrics.sink_deliveries.labels(sink.name).inc()
 
     async def deliver(self, event: ReceivedEvent) -> None:
         """Return once every sink has the event; otherwise raise ``DeliveryFailed``.
@@ -46,7 +57,7 @@ class Delivery:
                 event.event_type,
             )
             return
-        tasks = {asyncio.ensure_future(sink.send(event)): sink.name for sink in sinks}
+        tasks = {asyncio.ensure_future(self._send(sink, event)): sink.name for sink in sinks}
         try:
             _, pending = await asyncio.wait(tasks, timeout=self.timeout)
         finally:
@@ -56,9 +67,11 @@ class Delivery:
         for task, name in tasks.items():
             if task in pending:
                 log.error("sink %s missed the %.1f s deadline", name, self.timeout)
+                self.metrics.sink_failures.labels(name, "timeout").inc()
                 failed.append(name)
             elif (exc := task.exception()) is not None:
                 log.error("sink %s failed: %s", name, exc)
+                self.metrics.sink_failures.labels(name, "error").inc()
                 failed.append(name)
         if failed:
             raise DeliveryFailed(

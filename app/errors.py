@@ -16,6 +16,8 @@ class ReceiverError(Exception):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+        # What is known of the event when this was raised (for the access log).
+        self.context: dict[str, object] = {}
 
 
 class SignatureError(ReceiverError):

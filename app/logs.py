@@ -1,16 +1,77 @@
-"""Log set-up for the receiver's own loggers (``dcon.*``)."""
+"""Logging: JSON lines for machines, a readable line for people.
+
+``DCON_LOG_FORMAT=auto`` picks text when stderr is a terminal and JSON otherwise, so a
+laptop shows readable lines and a container feeds a log shipper. The access log is one
+line per ingest request (logger ``dcon.access``) with its fields as JSON keys.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import logging.config
 import sys
+from datetime import UTC, datetime
+from typing import Any
+
+# Attributes every LogRecord has; anything else on a record came in through `extra=`.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
-def configure_logging(level: str) -> None:
-    logger = logging.getLogger("dcon")
-    logger.setLevel(level.upper())
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
+def _extra(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        line.update(_extra(record))
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = _extra(record)
+        if fields:
+            text += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        return text
+
+
+def use_json(log_format: str) -> bool:
+    return log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+
+
+def logging_config(level: str, log_format: str) -> dict[str, Any]:
+    """A dictConfig for our loggers and uvicorn's, all through one formatter on stderr."""
+    formatter = "json" if use_json(log_format) else "text"
+    handler = {
+        "class": "logging.StreamHandler",
+        "formatter": formatter,
+        "stream": "ext://sys.stderr",
+    }
+    logger = {"handlers": ["stderr"], "level": level.upper(), "propagate": False}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "json": {"()": JsonFormatter},
+            "text": {"()": TextFormatter},
+        },
+        "handlers": {"stderr": handler},
+        "loggers": {"dcon": logger, "uvicorn": logger, "uvicorn.error": {"level": level.upper()}},
+    }
+
+
+def configure_logging(level: str, log_format: str = "auto") -> None:
+    logging.config.dictConfig(logging_config(level, log_format))

@@ -15,15 +15,16 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from app import __version__
 from app.asymmetric import AsymmetricScheme, DTKeys
 from app.dedup import MemoryDedup
 from app.delivery import Delivery, Route
 from app.errors import ConfigError
-from app.ingest import ingest
+from app.ingest import ingest, metrics_endpoint
 from app.logs import configure_logging
+from app.metrics import Metrics
 from app.receiver import Receiver
 from app.settings import Settings, load_settings
 from app.signature import Scheme, SecretScheme, TokenAge, Verifier
@@ -85,6 +86,7 @@ def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> Fa
         ]
     chosen = [route.sink for route in routes]
     verifier, keys = build_verifier(settings)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -97,7 +99,8 @@ def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> Fa
         app.state.receiver = Receiver(
             verifier,
             MemoryDedup(settings.dedup_window, settings.dedup_max_entries),
-            Delivery(routes, settings.sink_timeout, settings.retry_after),
+            Delivery(routes, settings.sink_timeout, settings.retry_after, metrics),
+            metrics,
         )
         log.info(
             "receiving on POST %s; signatures: %s; sinks: %s",
@@ -115,6 +118,7 @@ def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> Fa
 
     app = FastAPI(title="dcon-receiver", version=__version__, lifespan=lifespan)
     app.state.settings = settings
+    app.state.metrics = metrics
     app.add_api_route(
         settings.path,
         ingest,
@@ -130,6 +134,13 @@ def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> Fa
     )
     app.add_api_route("/healthz", healthz, methods=["GET"], summary="The process is alive")
     app.add_api_route("/readyz", readyz, methods=["GET"], summary="Every sink is reachable")
+    app.add_api_route(
+        "/metrics",
+        metrics_endpoint,
+        methods=["GET"],
+        summary="Prometheus metrics",
+        response_class=Response,
+    )
     return app
 
 
@@ -154,7 +165,7 @@ async def readyz(request: Request) -> JSONResponse:
 def _app_from_environment() -> FastAPI:
     try:
         settings = load_settings()
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         return create_app(settings)
     except (ConfigError, SinkConfigError) as exc:
         raise SystemExit(f"dcon-receiver: {exc}") from None

@@ -12,7 +12,9 @@ from typing import Literal
 
 from app.dedup import MemoryDedup
 from app.delivery import Delivery
+from app.errors import ReceiverError, SignatureError
 from app.events import ParseOutcome, parse_body
+from app.metrics import Metrics, type_label
 from app.received import ReceivedEvent
 from app.signature import Verification, Verifier
 
@@ -26,10 +28,13 @@ class Ack:
 
 
 class Receiver:
-    def __init__(self, verifier: Verifier, dedup: MemoryDedup, delivery: Delivery) -> None:
+    def __init__(
+        self, verifier: Verifier, dedup: MemoryDedup, delivery: Delivery, metrics: Metrics
+    ) -> None:
         self.verifier = verifier
         self.dedup = dedup
         self.delivery = delivery
+        self.metrics = metrics
         self.counts: Counter[str] = Counter()
         self._keys_seen: set[str] = set()
 
@@ -38,10 +43,22 @@ class Receiver:
 
         Raises ``SignatureError``, ``MalformedBody`` or ``DeliveryFailed``.
         """
-        verification = self.verifier.verify(body, headers)
+        try:
+            verification = self.verifier.verify(body, headers)
+        except SignatureError as exc:
+            self.metrics.signature_failures.labels(exc.scheme, exc.code).inc()
+            raise
         self._note_keys(verification)
         parsed = parse_body(body)
         event = ReceivedEvent(body, parsed, verification, datetime.now(UTC))
+        try:
+            return await self._deliver_once(event)
+        except ReceiverError as exc:
+            exc.context = access_fields(event)
+            raise
+
+    async def _deliver_once(self, event: ReceivedEvent) -> Ack:
+        parsed = event.parsed
         if parsed.outcome is not ParseOutcome.TYPED:
             self.counts[parsed.outcome.value] += 1
             log.warning(
@@ -55,10 +72,10 @@ class Receiver:
         if event_id is None:
             # Nothing to deduplicate on; deliver it rather than lose it.
             await self.delivery.deliver(event)
-            self.counts["accepted"] += 1
-            return Ack("accepted", event)
+            return self._accepted(event)
         if not await self.dedup.claim(event_id):
             self.counts["duplicate"] += 1
+            self.metrics.duplicates.inc()
             return Ack("duplicate", event)
         try:
             await self.delivery.deliver(event)
@@ -66,7 +83,13 @@ class Receiver:
             self.dedup.release(event_id)
             raise
         self.dedup.commit(event_id)
+        return self._accepted(event)
+
+    def _accepted(self, event: ReceivedEvent) -> Ack:
         self.counts["accepted"] += 1
+        self.metrics.events.labels(
+            type_label(event.event_type), event.parsed.outcome.value, event.verification.label
+        ).inc()
         return Ack("accepted", event)
 
     def _note_keys(self, verification: Verification) -> None:
@@ -76,3 +99,13 @@ class Receiver:
             if passed.key not in self._keys_seen:
                 self._keys_seen.add(passed.key)
                 log.info("first event verified by %s with %s", passed.scheme, passed.key)
+
+
+def access_fields(event: ReceivedEvent) -> dict[str, object]:
+    """What the access log says about an event: ids and verification, never a token."""
+    return {
+        "eventId": event.event_id,
+        "eventType": event.event_type,
+        "deviceId": event.parsed.device_id,
+        "verification": event.verification.label,
+    }

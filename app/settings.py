@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of the receiver and uvicorn."
     )
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="Log lines as JSON or text; auto = text on a terminal, else JSON."
+    )
 
     # --- verification --------------------------------------------------------------------
     verify_mode: VerifyMode = Field(

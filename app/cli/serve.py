@@ -24,7 +24,7 @@ def serve(config: Path | None, host: str | None, port: int | None) -> None:
     """Run the receiver (settings from DCON_* variables and the TOML file)."""
     import uvicorn
 
-    from app.logs import configure_logging
+    from app.logs import configure_logging, logging_config
     from app.main import create_app
     from app.sinks import SinkConfigError
     from app.tls import AEAD_CIPHERS, ServerConfig
@@ -34,7 +34,7 @@ def serve(config: Path | None, host: str | None, port: int | None) -> None:
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     try:
         settings = load_settings(**overrides)
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         if settings.tls:
             _ensure_certificates(settings)
         application = create_app(settings)
@@ -52,6 +52,8 @@ def serve(config: Path | None, host: str | None, port: int | None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=logging_config(settings.log_level, settings.log_format),
+        access_log=False,  # our own access log has the event's fields (app.ingest)
         proxy_headers=settings.proxy_headers,
         forwarded_allow_ips=settings.forwarded_allow_ips,
         reload_interval=settings.tls_reload_interval,

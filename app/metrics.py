@@ -1,0 +1,97 @@
+"""Prometheus metrics of one receiver app, in a registry of its own.
+
+DT's Data Connector page shows three figures over the last 3 hours; each can be derived
+from these (see the README's PromQL): success count and error count from
+``dcon_requests_total`` by status, and the 99th-percentile latency from
+``dcon_request_duration_seconds``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from app.events import KNOWN_EVENT_TYPES
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+SIZE_BUCKETS = (256, 512, 1024, 2048, 4096, 16384, 65536, 262144)
+
+
+def type_label(event_type: str | None) -> str:
+    """The event type as a label: DT's 19 types by name, anything else as ``other``.
+
+    Bounding the label keeps a flood of made-up types from exploding the series count.
+    """
+    if event_type is not None and event_type in KNOWN_EVENT_TYPES:
+        return event_type
+    return "other"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        # A registry per app, not the global one: two apps in one process (tests, embedding)
+        # must not share or double-register counters.
+        self.registry = registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        self.requests = Counter(
+            "dcon_requests",
+            "Ingest requests answered, by HTTP status.",
+            ["status"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "dcon_request_duration_seconds",
+            "Time to answer an ingest request.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.body_bytes = Histogram(
+            "dcon_request_body_bytes",
+            "Size of ingest request bodies.",
+            buckets=SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.events = Counter(
+            "dcon_events",
+            "Events accepted, by type, parse outcome and verification.",
+            ["event_type", "outcome", "verification"],
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "dcon_duplicates",
+            "Events answered as duplicates and not delivered again.",
+            registry=registry,
+        )
+        self.signature_failures = Counter(
+            "dcon_signature_failures",
+            "Requests refused by a signature check.",
+            ["scheme", "reason"],
+            registry=registry,
+        )
+        self.sink_deliveries = Counter(
+            "dcon_sink_deliveries",
+            "Events a sink confirmed.",
+            ["sink"],
+            registry=registry,
+        )
+        self.sink_failures = Counter(
+            "dcon_sink_failures",
+            "Events a sink failed or timed out on.",
+            ["sink", "reason"],
+            registry=registry,
+        )
+        self.sink_seconds = Histogram(
+            "dcon_sink_duration_seconds",
+            "Time a sink took to confirm an event.",
+            ["sink"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

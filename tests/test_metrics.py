@@ -1,0 +1,114 @@
+"""/metrics and the access log after a known sequence of requests."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.logs import JsonFormatter
+from app.samples import sample_body
+from app.settings import Settings
+from app.signing import sign_secret
+from app.sinks.memory import QueueSink
+from tests.conftest import serve_app
+from tests.sinks_doubles import FlakySink
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "metrics-secret-value"
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+async def test_counters_follow_a_known_sequence_of_requests() -> None:
+    """2 accepted, 1 duplicate, 1 bad signature, 1 sink failure: each is counted once."""
+    s = Settings(verify_mode="secret", signature_secrets=[SECRET])
+    flaky = FlakySink(failures=0)
+    async with serve_app(s, [QueueSink(), flaky]) as (_, client):
+        first, second = sample_body("temperature"), sample_body("touch")
+        for body in (first, second, first):
+            await client.post(
+                "/events", content=body, headers={"X-Dt-Signature": sign_secret(body, SECRET)}
+            )
+        await client.post(
+            "/events", content=first, headers={"X-Dt-Signature": sign_secret(first, "x")}
+        )
+        flaky.failures = 1
+        third = sample_body("co2")
+        await client.post(
+            "/events", content=third, headers={"X-Dt-Signature": sign_secret(third, SECRET)}
+        )
+        text = (await client.get("/metrics")).text
+    got = samples(text)
+    assert got[("dcon_requests_total", (("status", "200"),))] == 3
+    assert got[("dcon_requests_total", (("status", "401"),))] == 1
+    assert got[("dcon_requests_total", (("status", "503"),))] == 1
+    assert got[("dcon_duplicates_total", ())] == 1
+    typed = (("event_type", "temperature"), ("outcome", "typed"), ("verification", "secret"))
+    assert got[("dcon_events_total", typed)] == 1
+    assert (
+        got[
+            (
+                "dcon_signature_failures_total",
+                (("reason", "invalid_signature"), ("scheme", "secret")),
+            )
+        ]
+        == 1
+    )
+    assert got[("dcon_sink_failures_total", (("reason", "error"), ("sink", "flaky")))] == 1
+    assert got[("dcon_sink_deliveries_total", (("sink", "queue"),))] == 3
+    assert got[("dcon_request_duration_seconds_count", ())] == 5
+    assert "process_resident_memory_bytes" in text
+
+
+async def test_made_up_event_types_share_one_label() -> None:
+    """A flood of invented types cannot explode the number of series."""
+    async with serve_app(Settings(verify_mode="off"), [QueueSink()]) as (_, client):
+        for i in range(5):
+            doc = json.loads(sample_body("touch"))
+            doc["event"]["eventType"] = f"madeUp{i}"
+            await client.post("/events", content=json.dumps(doc).encode())
+        text = (await client.get("/metrics")).text
+    got = samples(text)
+    other = (("event_type", "other"), ("outcome", "unknown"), ("verification", "unverified"))
+    assert got[("dcon_events_total", other)] == 5
+
+
+async def test_access_log_has_one_line_per_request_and_never_a_secret(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    s = Settings(verify_mode="secret", signature_secrets=[SECRET])
+    body = sample_body("touch")
+    token = sign_secret(body, SECRET)
+    with caplog.at_level(logging.INFO, logger="dcon"):
+        async with serve_app(s, [QueueSink()]) as (_, client):
+            ok = await client.post(
+                "/events", content=body, headers={"X-Dt-Signature": token, "X-Request-Id": "req-42"}
+            )
+            bad = await client.post("/events", content=body, headers={"X-Dt-Signature": "x.y.z"})
+    access = [r for r in caplog.records if r.name == "dcon.access"]
+    assert len(access) == 2
+    lines = [json.loads(JsonFormatter().format(r)) for r in access]
+    event_id = json.loads(body)["event"]["eventId"]
+    assert lines[0]["requestId"] == "req-42" == ok.headers["X-Request-Id"]
+    assert lines[0]["status"] == 200
+    assert lines[0]["eventId"] == event_id
+    assert lines[0]["eventType"] == "touch"
+    assert lines[0]["verification"] == "secret"
+    assert lines[0]["deviceId"]
+    assert lines[0]["durationMs"] >= 0
+    assert lines[1]["status"] == 401 == bad.status_code
+    assert lines[1]["error"] == "malformed_signature"
+    everything = caplog.text + "".join(JsonFormatter().format(r) for r in caplog.records)
+    assert SECRET not in everything
+    assert token not in everything
+    assert token.split(".")[2] not in everything
