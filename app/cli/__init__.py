@@ -6,6 +6,7 @@ import click
 
 from app import __version__
 from app.cli.keys import certs, dev_keys
+from app.cli.selftest import selftest
 from app.cli.send import send
 from app.cli.serve import healthcheck, serve
 
@@ -16,5 +17,5 @@ def main() -> None:
     """Receiver for Disruptive Technologies Data Connectors."""
 
 
-for command in (serve, send, certs, dev_keys, healthcheck):
+for command in (serve, send, selftest, certs, dev_keys, healthcheck):
     main.add_command(command)
