@@ -69,8 +69,8 @@ class Delivery:
                 log.error("sink %s missed the %.1f s deadline", name, self.timeout)
                 self.metrics.sink_failures.labels(name, "timeout").inc()
                 failed.append(name)
-            elif (exc := task.exception()) is not None:
-                log.error("sink %s failed: %s", name, exc)
+            elif task.cancelled() or (exc := task.exception()) is not None:
+                log.error("sink %s failed: %s", name, "cancelled" if task.cancelled() else exc)
                 self.metrics.sink_failures.labels(name, "error").inc()
                 failed.append(name)
         if failed:

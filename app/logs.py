@@ -69,7 +69,15 @@ def logging_config(level: str, log_format: str) -> dict[str, Any]:
             "text": {"()": TextFormatter},
         },
         "handlers": {"stderr": handler},
-        "loggers": {"dcon": logger, "uvicorn": logger, "uvicorn.error": {"level": level.upper()}},
+        "loggers": {
+            "dcon": logger,
+            "uvicorn": logger,
+            "uvicorn.error": {"level": level.upper()},
+            # Broker drivers log a traceback per dropped connection; the sink already reports
+            # each failure once (503 + an error line naming the sink), so keep only theirs.
+            "aiormq": {"level": "CRITICAL"},
+            "aio_pika": {"level": "CRITICAL"},
+        },
     }
 
 

@@ -60,3 +60,12 @@ class GatedSink(QueueSink):
         self.first_entered.set()
         await self.gate.wait()
         await super().send(event)
+
+
+class SelfCancellingSink(QueueSink):
+    """A driver that ends a send cancelled although nobody cancelled it."""
+
+    name = "self-cancelling"
+
+    async def send(self, event: ReceivedEvent) -> None:
+        raise asyncio.CancelledError

@@ -16,7 +16,7 @@ from app.settings import Settings
 from app.signing import sign_secret
 from app.sinks.memory import QueueSink
 from tests.conftest import payload_files, serve_app, signed_requests
-from tests.sinks_doubles import FlakySink, GatedSink, StuckSink
+from tests.sinks_doubles import FlakySink, GatedSink, SelfCancellingSink, StuckSink
 
 pytestmark = pytest.mark.anyio
 
@@ -320,3 +320,11 @@ async def test_an_event_routed_nowhere_is_acknowledged_with_a_warning(
     assert response.status_code == 200
     assert "stored nowhere" in caplog.text
     assert "matches no sink route" in caplog.text
+
+
+async def test_a_send_that_ends_cancelled_by_itself_is_a_503_not_a_crash() -> None:
+    body = sample_body()
+    async with serve_app(settings(), [SelfCancellingSink()]) as (_, client):
+        response = await client.post("/events", content=body, headers=signed(body))
+    assert response.status_code == 503
+    assert response.json()["sinks"] == ["self-cancelling"]
