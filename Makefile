@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 run: export DCON_VERIFY_MODE ?= secret
 run: export DCON_SIGNATURE_SECRETS ?= dev-secret
 
-.PHONY: run test lint fmt bench certs docs clean
+.PHONY: run test lint fmt bench certs docs tls-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ fmt: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python bench/signature.py
 	$(BIN)/python bench/file_sink.py
+
+tls-check: $(BIN)/.installed
+	BIN=$(BIN) tls-check/run
 
 docs: $(BIN)/.installed
 	$(BIN)/python docs/settings_table.py

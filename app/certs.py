@@ -41,10 +41,10 @@ class CertPaths:
         )
 
 
-def _name(common_name: str) -> x509.Name:
+def _name(common_name: str, organization: str = "dcon-receiver local CA") -> x509.Name:
     return x509.Name(
         [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "dcon-receiver local CA"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
             x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ]
     )
@@ -115,7 +115,7 @@ def make_server(
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(names[0]))
+        .subject_name(_name(names[0], "dcon-receiver"))
         .issuer_name(ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())

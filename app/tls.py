@@ -39,6 +39,16 @@ class CertificateWatcher(threading.Thread):
         self.interval = interval
         self.stopped = threading.Event()
         self._stamp = self._files_stamp()
+        self.current = context
+        context.sni_callback = self._select
+
+    def _select(
+        self, conn: ssl.SSLObject | ssl.SSLSocket, name: str | None, context: ssl.SSLContext
+    ) -> None:
+        # OpenSSL calls this for every handshake, with or without SNI: serve the newest pair.
+        current = self.current
+        if current is not context:
+            conn.context = current
 
     def _files_stamp(self) -> tuple[float, float] | None:
         try:
@@ -51,11 +61,16 @@ class CertificateWatcher(threading.Thread):
         stamp = self._files_stamp()
         if stamp is None or stamp == self._stamp:
             return False
+        # A fresh context, swapped in whole: loading into the live one would drop its key on a
+        # half-written renewal, and keep an old certificate of another key type forever.
+        fresh = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        harden(fresh)
         try:
-            self.context.load_cert_chain(self.cert, self.key)
+            fresh.load_cert_chain(self.cert, self.key)
         except (OSError, ssl.SSLError) as exc:
             log.warning("renewed certificate not loaded yet (%s); will retry", exc)
             return False
+        self.current = fresh
         self._stamp = stamp
         log.info("loaded renewed certificate from %s", self.cert)
         return True
