@@ -47,22 +47,25 @@ def build_verifier(settings: Settings) -> tuple[Verifier, DTKeys | None]:
     return Verifier(schemes), keys
 
 
-def _warn_about(settings: Settings) -> None:
-    if all(types is not None for _, types in settings.sink_routes):
-        log.warning(
-            "every sink in DCON_SINKS has an event-type filter: events of other types "
-            "(including new DT types) are acknowledged and stored nowhere"
-        )
+def startup_warnings(settings: Settings) -> list[str]:
+    """What an operator must hear before the receiver starts taking events."""
+    said = []
     if not settings.schemes:
-        log.warning(
+        said.append(
             "SIGNATURE VERIFICATION IS OFF (DCON_VERIFY_MODE=off): anyone who can reach "
             "this endpoint can post events; they are stored marked verified=false"
         )
     if "asymmetric" in settings.schemes and not settings.dt_org_id:
-        log.warning(
+        said.append(
             "DCON_DT_ORG_ID is not set: any DT organization's Data Connector can post to "
             "this endpoint; set it to your organization ID"
         )
+    if all(types is not None for _, types in settings.sink_routes):
+        said.append(
+            "every sink in DCON_SINKS has an event-type filter: events of other types "
+            "(including new DT types) are acknowledged and stored nowhere"
+        )
+    return said
 
 
 async def _connect(sinks: Sequence[Sink]) -> None:
@@ -90,7 +93,8 @@ def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> Fa
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        _warn_about(settings)
+        for warning in startup_warnings(settings):
+            log.warning("%s", warning)
         if keys is not None:
             await keys.start()
         await _connect(chosen)

@@ -29,7 +29,32 @@ VerifyMode = Literal["auto", "secret", "asymmetric", "both", "off"]
 CommaList = Annotated[list[str], NoDecode]
 
 
-_PASSWORD_IN_URL = re.compile(r"(//[^/@:]*:)[^/@]*@")
+MASK = "***"
+# Everything between "://" and the last "@" is user info. Taking the *last* "@" over-masks a
+# URL with "@" in its path, which is the safe way to be wrong.
+_USER_INFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>.*)@")
+
+
+def url_password(url: str) -> str | None:
+    """The password in a service URL's user info, if it has one."""
+    match = _USER_INFO.match(url)
+    if match is None:
+        return None
+    _, colon, password = match["info"].partition(":")
+    return password if colon and password else None
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``."""
+    match = _USER_INFO.match(url)
+    if match is None or url_password(url) is None:
+        return url
+    user = match["info"].partition(":")[0]
+    return f"{match['scheme']}{user}:{MASK}@{url[match.end() :]}"
+
+
+def is_url_field(name: str) -> bool:
+    return name.lower().endswith(("_url", "_dsn"))
 
 
 def _split_commas(value: Any) -> Any:
@@ -258,8 +283,8 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json")
         data["signature_secrets"] = [f"***({len(s)} chars)" for s in self.signature_secrets]
         for key, value in data.items():
-            if key.endswith(("_url", "_dsn")) and isinstance(value, str):
-                data[key] = _PASSWORD_IN_URL.sub(r"\1***@", value)
+            if is_url_field(key) and isinstance(value, str):
+                data[key] = mask_url(value)
         return data
 
 
