@@ -186,7 +186,9 @@ class Settings(BaseSettings):
         "dt.{projectId}.{deviceType}.{eventType}", description="Subject template."
     )
     nats_duplicate_window: float = Field(
-        3600, gt=0, description="Seconds JetStream remembers Nats-Msg-Id for dedup."
+        TWELVE_HOURS + 3600,
+        gt=0,
+        description="Seconds JetStream remembers Nats-Msg-Id for dedup (covers DT's retries).",
     )
     rabbitmq_url: str = Field(
         "amqp://guest:guest@127.0.0.1:5672/", description="AMQP server for `rabbitmq`."
