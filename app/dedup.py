@@ -11,6 +11,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Protocol
+
+
+class DedupStore(Protocol):
+    """Where delivered eventIds are remembered.
+
+    ``claim`` answers True when the caller must deliver, False for a duplicate. A store
+    shared by several processes raises ``app.errors.DedupBusy`` when another process
+    still holds the claim after a short wait; the receiver answers 503 and DT's retry
+    finds the outcome.
+    """
+
+    async def claim(self, event_id: str) -> bool: ...
+
+    async def commit(self, event_id: str) -> None: ...
+
+    async def release(self, event_id: str) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class MemoryDedup:
@@ -44,15 +63,19 @@ class MemoryDedup:
             # Another request is delivering this id right now; its outcome decides.
             await asyncio.shield(pending)
 
-    def commit(self, event_id: str) -> None:
+    async def commit(self, event_id: str) -> None:
         """Every sink took the event: remember it and wake any waiting duplicate."""
         self._delivered[event_id] = self._clock()
         self._evict()
         self._settle(event_id, delivered=True)
 
-    def release(self, event_id: str) -> None:
+    async def release(self, event_id: str) -> None:
         """Delivery failed: forget the claim so the next attempt delivers."""
         self._settle(event_id, delivered=False)
+
+    async def close(self) -> None:
+        for event_id in list(self._in_flight):
+            self._settle(event_id, delivered=False)
 
     def _settle(self, event_id: str, *, delivered: bool) -> None:
         pending = self._in_flight.pop(event_id, None)

@@ -53,5 +53,16 @@ class DeliveryFailed(ReceiverError):
         self.retry_after = retry_after
 
 
+class DedupBusy(ReceiverError):
+    """Another process is still delivering this eventId; its outcome is not known yet."""
+
+    status = 503
+    code = "in_flight_elsewhere"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
 class ConfigError(Exception):
     """A setting is invalid; raised before the port opens, naming the setting."""

@@ -12,7 +12,7 @@ import uuid
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from app.errors import BodyTooLarge, DeliveryFailed, ReceiverError, SignatureError
+from app.errors import BodyTooLarge, DedupBusy, DeliveryFailed, ReceiverError, SignatureError
 from app.metrics import CONTENT_TYPE, Metrics
 from app.receiver import Receiver, access_fields
 
@@ -41,6 +41,7 @@ def error_response(exc: ReceiverError) -> JSONResponse:
         content["scheme"] = exc.scheme
     if isinstance(exc, DeliveryFailed):
         content["sinks"] = list(exc.sinks)
+    if isinstance(exc, DeliveryFailed | DedupBusy):
         headers["Retry-After"] = str(exc.retry_after)
     return JSONResponse(content, status_code=exc.status, headers=headers)
 

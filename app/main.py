@@ -115,6 +115,7 @@ def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> Fa
         try:
             yield
         finally:
+            await app.state.receiver.dedup.close()
             for sink in reversed(chosen):
                 await sink.close()
             if keys is not None:

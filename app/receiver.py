@@ -3,6 +3,7 @@ verify, parse, dedup, deliver. The route in ``app.ingest`` only reads and answer
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Mapping
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-from app.dedup import MemoryDedup
+from app.dedup import DedupStore
 from app.delivery import Delivery
 from app.errors import ReceiverError, SignatureError
 from app.events import ParseOutcome, parse_body
@@ -29,7 +30,7 @@ class Ack:
 
 class Receiver:
     def __init__(
-        self, verifier: Verifier, dedup: MemoryDedup, delivery: Delivery, metrics: Metrics
+        self, verifier: Verifier, dedup: DedupStore, delivery: Delivery, metrics: Metrics
     ) -> None:
         self.verifier = verifier
         self.dedup = dedup
@@ -80,9 +81,10 @@ class Receiver:
         try:
             await self.delivery.deliver(event)
         except BaseException:
-            self.dedup.release(event_id)
+            # Shielded: a cancelled request must still give its claim back.
+            await asyncio.shield(self.dedup.release(event_id))
             raise
-        self.dedup.commit(event_id)
+        await self.dedup.commit(event_id)
         return self._accepted(event)
 
     def _accepted(self, event: ReceivedEvent) -> Ack:

@@ -154,6 +154,18 @@ class Settings(BaseSettings):
     dedup_max_entries: int = Field(
         1_000_000, ge=1, description="Most eventIds remembered; the oldest go first."
     )
+    dedup_store: Literal["auto", "memory", "sqlite", "redis"] = Field(
+        "auto",
+        description="Where eventIds are remembered: memory (one process), sqlite (one host, "
+        "survives restarts), redis (all replicas). auto = memory with one worker, else sqlite.",
+    )
+    dedup_path: Path = Field(
+        Path("data/dedup.sqlite3"), description="SQLite file of the sqlite dedup store."
+    )
+    dedup_redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Redis server of the redis dedup store."
+    )
+    workers: int = Field(1, ge=1, le=64, description="Worker processes of `dcon-receiver serve`.")
 
     # --- delivery ------------------------------------------------------------------------
     sinks: CommaList = Field(
@@ -251,6 +263,13 @@ class Settings(BaseSettings):
                 "(or DT_SIGNATURE_SECRET)"
             )
         return self
+
+    @property
+    def dedup_kind(self) -> str:
+        """The dedup store in use once ``auto`` is resolved."""
+        if self.dedup_store == "auto":
+            return "memory" if self.workers == 1 else "sqlite"
+        return self.dedup_store
 
     @property
     def schemes(self) -> tuple[str, ...]:

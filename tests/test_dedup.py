@@ -23,7 +23,7 @@ async def test_committed_id_is_a_duplicate_until_the_window_passes() -> None:
     clock = Clock()
     dedup = MemoryDedup(window=100, max_entries=10, clock=clock)
     assert await dedup.claim("a")
-    dedup.commit("a")
+    await dedup.commit("a")
     clock.now = 100
     assert not await dedup.claim("a")
     clock.now = 101
@@ -34,7 +34,7 @@ async def test_released_claim_lets_the_retry_deliver() -> None:
     """A failed delivery never blocks DT's retry of the same event."""
     dedup = MemoryDedup(window=100, max_entries=10)
     assert await dedup.claim("a")
-    dedup.release("a")
+    await dedup.release("a")
     assert await dedup.claim("a")
 
 
@@ -45,13 +45,13 @@ async def test_concurrent_claim_waits_for_the_first_outcome() -> None:
     second = asyncio.ensure_future(dedup.claim("a"))
     await asyncio.sleep(0)
     assert not second.done()
-    dedup.commit("a")
+    await dedup.commit("a")
     assert await second is False
 
     assert await dedup.claim("b")
     third = asyncio.ensure_future(dedup.claim("b"))
     await asyncio.sleep(0)
-    dedup.release("b")
+    await dedup.release("b")
     assert await third is True  # the first failed, so this one must deliver
 
 
@@ -61,7 +61,7 @@ async def test_entry_count_is_bounded_oldest_first() -> None:
     for i, event_id in enumerate("abcd"):
         clock.now = i
         assert await dedup.claim(event_id)
-        dedup.commit(event_id)
+        await dedup.commit(event_id)
     assert len(dedup) == 3
     assert await dedup.claim("a")  # evicted, so it is new again
     assert not await dedup.claim("d")
@@ -74,5 +74,5 @@ async def test_expired_entries_are_dropped_on_commit() -> None:
     for i in range(100):
         clock.now = i
         assert await dedup.claim(str(i))
-        dedup.commit(str(i))
+        await dedup.commit(str(i))
     assert len(dedup) == 11
