@@ -36,11 +36,30 @@ class Delivery:
         self.retry_after = retry_after
         self.metrics = metrics
 
-    async def _send(self, sink: Sink, event: ReceivedEvent) -> None:
+    async def _attempt(self, sink: Sink, event: ReceivedEvent) -> str | None:
+        """Send to one sink under the deadline; the failure reason, or None once stored."""
         started = time.perf_counter()
-        await sink.send(event)
-        self.metrics.sink_seconds.labels(sink.name).observe(time.perf_counter() - started)
-        self.metrics.sink_deliveries.labels(sink.name).inc()
+        try:
+            async with asyncio.timeout(self.timeout):
+                await sink.send(event)
+        except TimeoutError:
+            log.error("sink %s missed the %.1f s deadline", sink.name, self.timeout)
+            reason = "timeout"
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the request itself is being cancelled
+            log.error("sink %s failed: its send ended cancelled", sink.name)
+            reason = "error"
+        except Exception as exc:
+            log.error("sink %s failed: %s", sink.name, exc)
+            reason = "error"
+        else:
+            self.metrics.sink_seconds.labels(sink.name).observe(time.perf_counter() - started)
+            self.metrics.sink_deliveries.labels(sink.name).inc()
+            return None
+        self.metrics.sink_failures.labels(sink.name, reason).inc()
+        return reason
 
     async def deliver(self, event: ReceivedEvent) -> None:
         """Return once every sink has the event; otherwise raise ``DeliveryFailed``.
@@ -57,22 +76,12 @@ class Delivery:
                 event.event_type,
             )
             return
-        tasks = {asyncio.ensure_future(self._send(sink, event)): sink.name for sink in sinks}
-        try:
-            _, pending = await asyncio.wait(tasks, timeout=self.timeout)
-        finally:
-            for task in tasks:
-                task.cancel()
-        failed: list[str] = []
-        for task, name in tasks.items():
-            if task in pending:
-                log.error("sink %s missed the %.1f s deadline", name, self.timeout)
-                self.metrics.sink_failures.labels(name, "timeout").inc()
-                failed.append(name)
-            elif task.cancelled() or (exc := task.exception()) is not None:
-                log.error("sink %s failed: %s", name, "cancelled" if task.cancelled() else exc)
-                self.metrics.sink_failures.labels(name, "error").inc()
-                failed.append(name)
+        if len(sinks) == 1:
+            # The common case needs no task of its own.
+            reasons = [await self._attempt(sinks[0], event)]
+        else:
+            reasons = await asyncio.gather(*(self._attempt(sink, event) for sink in sinks))
+        failed = [sink.name for sink, reason in zip(sinks, reasons, strict=True) if reason]
         if failed:
             raise DeliveryFailed(
                 f"not stored by {', '.join(failed)}; DT should retry",

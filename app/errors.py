@@ -64,5 +64,17 @@ class DedupBusy(ReceiverError):
         self.retry_after = retry_after
 
 
+class DedupUnavailable(ReceiverError):
+    """The dedup store shared by processes did not answer: without it a duplicate cannot be
+    told apart, so the event is refused (503) rather than risked; DT retries."""
+
+    status = 503
+    code = "dedup_unavailable"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
 class ConfigError(Exception):
     """A setting is invalid; raised before the port opens, naming the setting."""

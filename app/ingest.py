@@ -1,89 +1,162 @@
 """The HTTP edge: read the raw body under a cap, hand it to the receiver, answer.
 
-This is the one place where errors become HTTP answers.
+This is the one place where errors become HTTP answers. The same ``answer`` coroutine
+serves two doors: the documented FastAPI route, and a raw ASGI fast path that
+``ReceiverApp`` takes for the ingest URL so that each DT request skips FastAPI's routing
+and dependency machinery (see ``app.main``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
+from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
-from app.errors import BodyTooLarge, DedupBusy, DeliveryFailed, ReceiverError, SignatureError
+from app.errors import (
+    BodyTooLarge,
+    DedupBusy,
+    DedupUnavailable,
+    DeliveryFailed,
+    ReceiverError,
+    SignatureError,
+)
 from app.metrics import CONTENT_TYPE, Metrics
 from app.receiver import Receiver, access_fields
 
 access = logging.getLogger("dcon.access")
+JSON = b"application/json"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(headers: Mapping[str, str], chunks: AsyncIterator[bytes], limit: int) -> bytes:
     """The exact bytes DT sent, refusing anything over ``limit`` before buffering it."""
-    declared = request.headers.get("content-length", "")
+    declared = headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"body of {declared} bytes exceeds the {limit}-byte limit")
-    chunks: list[bytes] = []
+    parts: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    async for chunk in chunks:
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(f"body exceeds the {limit}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        parts.append(chunk)
+    return b"".join(parts)
 
 
-def error_response(exc: ReceiverError) -> JSONResponse:
-    content: dict[str, object] = {"error": exc.code, "detail": exc.detail}
+def error_answer(exc: ReceiverError) -> tuple[dict[str, Any], dict[str, str]]:
+    content: dict[str, Any] = {"error": exc.code, "detail": exc.detail}
     headers = {}
     if isinstance(exc, SignatureError):
         content["scheme"] = exc.scheme
     if isinstance(exc, DeliveryFailed):
         content["sinks"] = list(exc.sinks)
-    if isinstance(exc, DeliveryFailed | DedupBusy):
+    if isinstance(exc, DeliveryFailed | DedupBusy | DedupUnavailable):
         headers["Retry-After"] = str(exc.retry_after)
-    return JSONResponse(content, status_code=exc.status, headers=headers)
+    return content, headers
+
+
+async def answer(
+    state: Any,
+    headers: Mapping[str, str],
+    chunks: AsyncIterator[bytes],
+    client: str | None,
+    method: str,
+    path: str,
+) -> tuple[int, bytes, dict[str, str]]:
+    """Status, JSON body and extra headers for one ingest request; counted and logged."""
+    started = time.perf_counter()
+    receiver: Receiver = state.receiver
+    metrics: Metrics = state.metrics
+    request_id = headers.get("x-request-id") or uuid.uuid4().hex[:16]
+    size = 0
+    extra: dict[str, str] = {}
+    try:
+        body = await read_body(headers, chunks, state.settings.max_body_bytes)
+        size = len(body)
+        ack = await receiver.receive(body, headers)
+    except ReceiverError as exc:
+        status = exc.status
+        content, extra = error_answer(exc)
+        fields = exc.context | {"error": exc.code}
+    else:
+        status = 200
+        content = {"status": ack.status, "eventId": ack.event.event_id}
+        fields = access_fields(ack.event) | {"outcome": ack.status}
+    elapsed = time.perf_counter() - started
+    metrics.observe_request(status, elapsed, size)
+    extra["X-Request-Id"] = request_id
+    if access.isEnabledFor(logging.INFO):
+        access.info(
+            "%s %s %d",
+            method,
+            path,
+            status,
+            extra={
+                "requestId": request_id,
+                "client": client,
+                "status": status,
+                **fields,
+                "durationMs": round(elapsed * 1000, 2),
+            },
+        )
+    return status, json.dumps(content, separators=(",", ":")).encode(), extra
 
 
 async def ingest(request: Request) -> Response:
     """Receive one DT Data Connector event (any Content-Type; the body is read raw)."""
-    started = time.perf_counter()
-    state = request.app.state
-    receiver: Receiver = state.receiver
-    metrics: Metrics = state.metrics
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-    size = 0
     try:
-        body = await read_body(request, state.settings.max_body_bytes)
-        size = len(body)
-        ack = await receiver.receive(body, request.headers)
-    except ReceiverError as exc:
-        response = error_response(exc)
-        fields = exc.context | {"error": exc.code}
-    else:
-        response = JSONResponse({"status": ack.status, "eventId": ack.event.event_id})
-        fields = access_fields(ack.event) | {"outcome": ack.status}
-    elapsed = time.perf_counter() - started
-    status = response.status_code
-    metrics.requests.labels(str(status)).inc()
-    metrics.request_seconds.observe(elapsed)
-    metrics.body_bytes.observe(size)
-    response.headers["X-Request-Id"] = request_id
-    access.info(
-        "%s %s %d",
-        request.method,
-        request.url.path,
-        status,
-        extra={
-            "requestId": request_id,
-            "client": request.client.host if request.client else None,
-            "status": status,
-            **fields,
-            "durationMs": round(elapsed * 1000, 2),
-        },
-    )
-    return response
+        status, body, headers = await answer(
+            request.app.state,
+            request.headers,
+            request.stream(),
+            request.client.host if request.client else None,
+            request.method,
+            request.url.path,
+        )
+    except ClientDisconnect:
+        return Response(status_code=400)  # nobody is left to read it
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+
+async def _receive_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
+
+
+async def ingest_asgi(state: Any, scope: Scope, receive: Receive, send: Send) -> None:
+    """The same as ``ingest``, spoken in plain ASGI (the fast path)."""
+    client = scope.get("client")
+    try:
+        status, body, extra = await answer(
+            state,
+            Headers(scope=scope),
+            _receive_chunks(receive),
+            client[0] if client else None,
+            scope["method"],
+            scope["path"],
+        )
+    except ClientDisconnect:
+        return
+    headers = [
+        (b"content-type", JSON),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode(), v.encode()) for k, v in extra.items()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def metrics_endpoint(request: Request) -> Response:

@@ -93,5 +93,10 @@ class Metrics:
             registry=registry,
         )
 
+    def observe_request(self, status: int, seconds: float, size: int) -> None:
+        self.requests.labels(str(status)).inc()
+        self.request_seconds.observe(seconds)
+        self.body_bytes.observe(size)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

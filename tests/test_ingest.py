@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from app.events import ParseOutcome
@@ -328,3 +329,27 @@ async def test_a_send_that_ends_cancelled_by_itself_is_a_503_not_a_crash() -> No
         response = await client.post("/events", content=body, headers=signed(body))
     assert response.status_code == 503
     assert response.json()["sinks"] == ["self-cancelling"]
+
+
+async def test_documented_route_answers_like_the_fast_path() -> None:
+    """The FastAPI route (in the OpenAPI schema) and the ASGI fast path agree."""
+    sink = QueueSink()
+    async with serve_app(settings(max_body_bytes=2048), [sink]) as (app, fast):
+        plain = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=super(type(app), app).__call__),
+            base_url="http://dt.test",
+        )
+        async with plain:
+            for client in (fast, plain):
+                body = sample_body()
+                ok = await client.post("/events", content=body, headers=signed(body))
+                dup = await client.post("/events", content=body, headers=signed(body))
+                bad = await client.post("/events", content=body, headers=signed(body, "x"))
+                big = await client.post("/events", content=b"{" + b" " * 4096 + b"}")
+                assert (ok.status_code, ok.json()["status"]) == (200, "accepted")
+                assert dup.json()["status"] == "duplicate"
+                assert (bad.status_code, bad.json()["error"]) == (401, "invalid_signature")
+                assert big.status_code == 413
+                assert ok.headers["content-type"] == "application/json"
+                assert ok.headers["x-request-id"]
+    assert len(drain(sink)) == 2
