@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -75,7 +75,7 @@ async def answer(
     started = time.perf_counter()
     receiver: Receiver = state.receiver
     metrics: Metrics = state.metrics
-    request_id = headers.get("x-request-id") or uuid.uuid4().hex[:16]
+    request_id = headers.get("x-request-id") or os.urandom(8).hex()
     size = 0
     extra: dict[str, str] = {}
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -152,6 +153,10 @@ def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> Fa
             "+".join(settings.schemes) or "off",
             ", ".join(s.name for s in chosen),
         )
+        # Everything alive now (modules, models, clients) lives as long as the process:
+        # move it out of the collector's sight, so full collections stay short (measured:
+        # about a fifth of the CPU per request under load, and the worst latency spikes).
+        gc.freeze()
         try:
             yield
         finally:

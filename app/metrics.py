@@ -8,6 +8,9 @@ from these (see the README's PromQL): success count and error count from
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -94,9 +97,22 @@ class Metrics:
         )
 
     def observe_request(self, status: int, seconds: float, size: int) -> None:
-        self.requests.labels(str(status)).inc()
+        self._requests(status).inc()
         self.request_seconds.observe(seconds)
         self.body_bytes.observe(size)
+
+    def count_event(self, event_type: str | None, outcome: str, verification: str) -> None:
+        self._events(type_label(event_type), outcome, verification).inc()
+
+    # labels() looks the child up (and locks) on every call; these few combinations are
+    # bound once. The label values are bounded (statuses, DT's types), so the caches are.
+    @functools.cache  # noqa: B019 - one Metrics per app, living as long as the app
+    def _requests(self, status: int) -> Any:
+        return self.requests.labels(str(status))
+
+    @functools.cache  # noqa: B019 - as above
+    def _events(self, event_type: str, outcome: str, verification: str) -> Any:
+        return self.events.labels(event_type, outcome, verification)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,13 +6,14 @@ import base64
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 from app.events import ParsedBody
 from app.signature import Verification
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class ReceivedEvent:
     body: bytes
     parsed: ParsedBody
@@ -50,11 +51,17 @@ class ReceivedEvent:
     def record(self) -> bytes:
         """One JSON object on one line (no trailing newline) carrying DT's body unchanged.
 
+        Built once per event, however many sinks ask for it.
+
         DT sends compact JSON, so its bytes are spliced in verbatim and a reader gets the
         exact signed body back. A body with raw line breaks (legal JSON whitespace) cannot
         sit on one line as it is; it is stored parsed, with the exact bytes in
         ``bodyBase64`` so that nothing signed is lost.
         """
+        return self._record
+
+    @cached_property
+    def _record(self) -> bytes:
         head = json.dumps(self.meta(), separators=(",", ":"), ensure_ascii=False)
         if b"\n" in self.body or b"\r" in self.body:
             extra = json.dumps(

@@ -15,7 +15,7 @@ from app.dedup import DedupStore
 from app.delivery import Delivery
 from app.errors import ReceiverError, SignatureError
 from app.events import ParseOutcome, parse_body
-from app.metrics import Metrics, type_label
+from app.metrics import Metrics
 from app.received import ReceivedEvent
 from app.signature import Verification, Verifier
 
@@ -89,9 +89,9 @@ class Receiver:
 
     def _accepted(self, event: ReceivedEvent) -> Ack:
         self.counts["accepted"] += 1
-        self.metrics.events.labels(
-            type_label(event.event_type), event.parsed.outcome.value, event.verification.label
-        ).inc()
+        self.metrics.count_event(
+            event.event_type, event.parsed.outcome.value, event.verification.label
+        )
         return Ack("accepted", event)
 
     def _note_keys(self, verification: Verification) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -100,3 +101,22 @@ def test_object_that_is_not_a_sink_is_refused(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setitem(BUILTIN, "broken", ("app.settings:Settings", None))
     with pytest.raises(SinkConfigError, match="Sink interface"):
         build_sinks(Settings(sinks=["broken"]))
+
+
+class CountingStream(io.BytesIO):
+    flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+@pytest.mark.anyio
+async def test_log_sink_shares_one_flush_among_concurrent_events() -> None:
+    """50 events at once: 50 whole lines, far fewer flushes, every send after its flush."""
+    stream = CountingStream()
+    sink = LogSink(stream)
+    await sink.connect()
+    await asyncio.gather(*(sink.send(received(sample_body())) for _ in range(50)))
+    assert len(stream.getvalue().splitlines()) == 50
+    assert 1 <= stream.flushes < 5
