@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 run: export DCON_VERIFY_MODE ?= secret
 run: export DCON_SIGNATURE_SECRETS ?= dev-secret
 
-.PHONY: run test lint fmt bench certs docs tls-check clean
+.PHONY: run test lint fmt bench bench-quick bench-profile certs docs tls-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,9 +35,20 @@ fmt: $(BIN)/.installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Benchmarks print ratios against baselines measured in the same run (see bench/README.md).
+# The HTTP one pins servers to CPU 0 and wrk to CPU 1, and installs wrk if it is missing.
+BENCH_FLAGS ?=
 bench: $(BIN)/.installed
 	$(BIN)/python bench/signature.py
 	$(BIN)/python bench/file_sink.py
+	$(BIN)/python bench/http_bench.py $(BENCH_FLAGS)
+	$(BIN)/python bench/memory.py
+
+bench-quick: $(BIN)/.installed
+	$(BIN)/python bench/http_bench.py --quick
+
+bench-profile: $(BIN)/.installed
+	taskset -c 0 $(BIN)/python bench/profile_ingest.py
 
 tls-check: $(BIN)/.installed
 	BIN=$(BIN) tls-check/run
@@ -46,4 +57,4 @@ docs: $(BIN)/.installed
 	$(BIN)/python docs/settings_table.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov
+	rm -rf $(VENV) bench/.venv-baseline .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov
