@@ -20,8 +20,12 @@ class DedupStore(Protocol):
     ``claim`` answers True when the caller must deliver, False for a duplicate. A store
     shared by several processes raises ``app.errors.DedupBusy`` when another process
     still holds the claim after a short wait; the receiver answers 503 and DT's retry
-    finds the outcome.
+    finds the outcome. ``connect`` opens the store before the first request; stores
+    shared by processes are in ``app.dedup_sqlite`` and ``app.dedup_redis``, chosen by
+    ``app.dedup_stores.build_dedup``.
     """
+
+    async def connect(self) -> None: ...
 
     async def claim(self, event_id: str) -> bool: ...
 
@@ -50,6 +54,9 @@ class MemoryDedup:
 
     def __len__(self) -> int:
         return len(self._delivered)
+
+    async def connect(self) -> None:
+        """Nothing to open: the window lives in this process."""
 
     async def claim(self, event_id: str) -> bool:
         """True if the caller must deliver ``event_id``; False if it was already delivered."""

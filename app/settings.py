@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -165,6 +166,12 @@ class Settings(BaseSettings):
     dedup_redis_url: str = Field(
         "redis://127.0.0.1:6379/0", description="Redis server of the redis dedup store."
     )
+    dedup_redis_prefix: str = Field(
+        "dcon:dedup:",
+        min_length=1,
+        description="Key prefix of the redis dedup store; receivers sharing a prefix share "
+        "one window.",
+    )
     workers: int = Field(1, ge=1, le=64, description="Worker processes of `dcon-receiver serve`.")
 
     # --- delivery ------------------------------------------------------------------------
@@ -264,6 +271,14 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _safe_with_workers(self) -> Settings:
+        names = [name for name, _ in self.sink_routes]
+        reason = unsafe_with_workers(self.workers, self.dedup_store, names)
+        if reason is not None:
+            raise ValueError(reason)
+        return self
+
     @property
     def dedup_kind(self) -> str:
         """The dedup store in use once ``auto`` is resolved."""
@@ -307,6 +322,24 @@ class Settings(BaseSettings):
             if is_url_field(key) and isinstance(value, str):
                 data[key] = mask_url(value)
         return data
+
+
+def unsafe_with_workers(workers: int, dedup_store: str, sink_names: Iterable[str]) -> str | None:
+    """Why these settings cannot run as ``workers`` processes, or None if they can."""
+    if workers == 1:
+        return None
+    if dedup_store == "memory":
+        return (
+            f"DCON_DEDUP_STORE=memory remembers eventIds in each process, so with {workers} "
+            "workers a copy reaching another worker would be stored again; use sqlite (one "
+            "host, the default for several workers) or redis (several hosts)"
+        )
+    if "queue" in sink_names:
+        return (
+            f"DCON_SINKS: the queue sink is a queue inside one process, so {workers} workers "
+            f"would fill {workers} separate queues; run one worker, or use a broker sink"
+        )
+    return None
 
 
 def env_name(field: str) -> str:

@@ -9,7 +9,25 @@ import click
 import httpx
 
 from app.errors import ConfigError
-from app.settings import Settings, load_settings
+from app.settings import Settings, env_name, load_settings
+from app.tls import ServerConfig
+
+# Workers import the app by name and build it from the environment (``app.main``).
+APP_IMPORT = "app.main:app"
+
+
+class WorkerConfig(ServerConfig):
+    """The config each of several workers receives (uvicorn pickles it into the worker).
+
+    ``ServerConfig.load`` builds and hardens the worker's own TLS context. Building the
+    app from the environment configures logging afresh, which would turn uvicorn's access
+    log back on; applying uvicorn's logging settings once more keeps it off, as with one
+    worker (our access log in ``app.ingest`` has the event's fields).
+    """
+
+    def load(self) -> None:
+        super().load()
+        self.configure_logging()
 
 
 @click.command()
@@ -20,24 +38,35 @@ from app.settings import Settings, load_settings
 )
 @click.option("--host", help="Override DCON_HOST.")
 @click.option("--port", type=int, help="Override DCON_PORT.")
-def serve(config: Path | None, host: str | None, port: int | None) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    help="Override DCON_WORKERS: worker processes sharing the port.",
+)
+def serve(config: Path | None, host: str | None, port: int | None, workers: int | None) -> None:
     """Run the receiver (settings from DCON_* variables and the TOML file)."""
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
+    from app.dedup_stores import build_dedup
     from app.logs import configure_logging, logging_config
     from app.main import create_app
     from app.sinks import SinkConfigError
-    from app.tls import AEAD_CIPHERS, ServerConfig
+    from app.tls import AEAD_CIPHERS
 
     if config is not None:
         os.environ["DCON_CONFIG"] = str(config)
-    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    chosen = {"host": host, "port": port, "workers": workers}
+    overrides = {k: v for k, v in chosen.items() if v is not None}
     try:
         settings = load_settings(**overrides)
         configure_logging(settings.log_level, settings.log_format)
         if settings.tls:
             _ensure_certificates(settings)
+        # Everything a worker builds is built here first, without I/O, so that a bad
+        # setting stops the start before the port opens.
         application = create_app(settings)
+        build_dedup(settings)
     except (ConfigError, SinkConfigError) as exc:
         raise click.ClickException(str(exc)) from None
     tls: dict[str, object] = {}
@@ -47,10 +76,17 @@ def serve(config: Path | None, host: str | None, port: int | None) -> None:
             "ssl_keyfile": str(settings.tls_keyfile),
             "ssl_ciphers": AEAD_CIPHERS,
         }
-    server_config = ServerConfig(
-        application,
+    # Workers are separate processes that import the app by name and read their settings
+    # from the environment, so the command-line overrides travel there.
+    if settings.workers > 1:
+        for name, value in overrides.items():
+            os.environ[env_name(name)] = str(value)
+    config_class = ServerConfig if settings.workers == 1 else WorkerConfig
+    server_config = config_class(
+        application if settings.workers == 1 else APP_IMPORT,
         host=settings.host,
         port=settings.port,
+        workers=settings.workers,
         log_level=settings.log_level,
         log_config=logging_config(settings.log_level, settings.log_format),
         access_log=False,  # our own access log has the event's fields (app.ingest)
@@ -59,7 +95,12 @@ def serve(config: Path | None, host: str | None, port: int | None) -> None:
         reload_interval=settings.tls_reload_interval,
         **tls,
     )
-    uvicorn.Server(server_config).run()
+    if settings.workers == 1:
+        uvicorn.Server(server_config).run()
+        return
+    # uvicorn pickles this ServerConfig into every worker, where ServerConfig.load()
+    # builds and hardens that worker's own TLS context and certificate watcher.
+    Multiprocess(server_config, sockets=[server_config.bind_socket()]).run()
 
 
 def _ensure_certificates(settings: Settings) -> None:

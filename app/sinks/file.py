@@ -2,14 +2,25 @@
 
 Concurrent ``send`` calls are group-committed: one writer task takes every pending line,
 appends the whole batch with one ``os.write`` (and one ``fsync``) on the sink's own worker
-thread, then wakes each caller. Only that thread touches the file, so lines never
-interleave, and rotation happens between batches so that no line is split across files.
+thread, then wakes each caller. Rotation happens between batches, so that no line is
+split across files.
+
+Several processes (``dcon-receiver serve --workers N``) append to the same file safely.
+Each batch is written under an exclusive ``flock`` on the file, and under that lock the
+writer checks that the file at the path is still the one it holds open: if another worker
+rotated it, it follows to the new file before writing, so that nobody appends to a
+rotated file for ever. The size that decides rotation and the last byte that tells a torn
+line are read from the file itself under the lock, not remembered, because other
+processes write too. One file rather than one per worker keeps ``DCON_FILE_PATH`` the
+single file its readers know, across restarts and changes of the worker count; the lock
+is held only for the write, and each worker's ``fsync`` runs outside it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -30,7 +41,8 @@ log = logging.getLogger(__name__)
 
 NAME = "file"
 FILE_MODE = 0o640
-OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+# Read too: the last byte tells whether the file ends mid-line.
+OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
 Pending = tuple[bytes, asyncio.Future[None]]
 
@@ -48,109 +60,137 @@ def rotated_path(path: Path, now: datetime) -> Path:
         now += timedelta(microseconds=1)
 
 
-def _last_byte(path: Path, size: int) -> bytes:
-    with path.open("rb") as f:
-        f.seek(size - 1)
-        return f.read(1)
-
-
 class LineFile:
-    """The file itself, driven from one thread at a time: open, append, rotate, close."""
+    """The file itself, driven from one thread at a time: open, append, rotate, close.
+
+    Other processes may append to and rotate the same path; every append holds an
+    exclusive ``flock`` on the file at the path (see the module docstring).
+    """
 
     def __init__(self, path: Path, *, fsync: bool, max_bytes: int) -> None:
         self.path = path
         self.fsync = fsync
         self.max_bytes = max_bytes
         self.fd: int | None = None
-        self.size = 0
-        # The file may end mid-line (a crash, a failed write): the next write starts with
-        # a newline so that a new event is never glued onto a torn one.
-        self.torn = False
+        # Where our own last whole write ended the file (with a newline): while the file
+        # still ends there, nobody wrote after us and its last byte need not be read.
+        self._clean_end: int | None = None
 
     def open(self) -> None:
-        """Create the directory and open the file for appending; note a torn last line."""
+        """Create the directory and open the file for appending."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, OPEN_FLAGS, FILE_MODE)
-        try:
-            self._inspect()
-        except OSError:
-            self.close()  # a failed connect must not leak the descriptor
-            raise
-
-    def _inspect(self) -> None:
-        info = os.fstat(self._fd())
-        # Devices and pipes (e.g. /dev/full) have no size worth checking.
-        self.size = info.st_size if stat.S_ISREG(info.st_mode) else 0
-        self.torn = self.size > 0 and _last_byte(self.path, self.size) != b"\n"
-        if self.torn:
-            log.warning(
-                "%s does not end with a newline (torn last line); the next event starts "
-                "on a fresh line at byte %d",
-                self.path,
-                self.size,
-            )
         if self.fsync:
-            # Makes a newly created (or freshly rotated) file's directory entry durable.
-            self._sync_directory()
+            try:
+                # Makes a newly created (or freshly rotated) file's directory entry durable.
+                self._sync_directory()
+            except OSError:
+                self.close()  # a failed connect must not leak the descriptor
+                raise
 
     def append(self, lines: bytes) -> None:
         """Append whole lines with one write (and one fsync), rotating first if due."""
-        if self.fd is None:
-            self.open()  # a rotation that failed half-way left no file open
-        if self._rotation_due(len(lines)):
-            self.rotate()
-        self._write_all(b"\n" + lines if self.torn else lines)
+        size = self._lock_current()
+        try:
+            while self._rotation_due(size, len(lines)):
+                self._rotate()
+                # The fresh file; a faster worker may have created it and written to it
+                # already, so it is checked like any other.
+                size = self._lock_current()
+            data = self._line_start(size) + lines
+            self._write_all(data)
+            self._clean_end = size + len(data)
+        finally:
+            self._unlock()
         if self.fsync:
             os.fsync(self._fd())
 
-    def rotate(self) -> None:
-        """Move the current file aside under a UTC timestamp and start a fresh one."""
-        self.close()
-        os.rename(self.path, rotated_path(self.path, datetime.now(UTC)))
-        self.open()
-
     def check(self) -> None:
-        """Raise ``OSError`` unless the open file is still the one at ``path`` and writable."""
-        here = os.fstat(self._fd())
+        """Raise ``OSError`` unless the file is still at ``path`` and its directory writable.
+
+        A file moved aside (rotated by another worker) is followed to the new one; a file
+        deleted under us is an error, since events written to it would be invisible.
+        """
         if not os.access(self.path.parent, os.W_OK):
             raise PermissionError(errno.EACCES, "directory is not writable", str(self.path))
-        # Writing on into a deleted or moved-away file would hide every event from readers.
-        try:
-            same = os.path.samestat(here, os.stat(self.path))
-        except FileNotFoundError:
-            same = False
-        if not same:
+        if self._size_if_current() is not None:
+            return
+        if os.fstat(self._fd()).st_nlink == 0 and not self.path.exists():
             raise FileNotFoundError(errno.ENOENT, "file was replaced or removed", str(self.path))
+        self._lock_current()
+        self._unlock()
 
     def close(self) -> None:
         fd, self.fd = self.fd, None
+        self._clean_end = None
         if fd is not None:
-            os.close(fd)
+            os.close(fd)  # also drops a lock we held on it
+
+    def _lock_current(self) -> int:
+        """Lock the file now at ``path``, following rotations by other workers; its size."""
+        while True:
+            if self.fd is None:
+                self.open()
+            fcntl.flock(self._fd(), fcntl.LOCK_EX)
+            size = self._size_if_current()
+            if size is not None:
+                return size
+            # Rotated or removed while we waited: closing drops that lock; open the path anew.
+            self.close()
+
+    def _unlock(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def _size_if_current(self) -> int | None:
+        """The open file's size if it is still the file at ``path``, else None."""
+        here = os.fstat(self._fd())
+        try:
+            if not os.path.samestat(here, os.stat(self.path)):
+                return None
+        except FileNotFoundError:
+            return None
+        # Devices and pipes (e.g. /dev/full) have no size worth checking.
+        return here.st_size if stat.S_ISREG(here.st_mode) else 0
+
+    def _rotate(self) -> None:
+        """Move the current file aside under a UTC timestamp (the lock is held)."""
+        os.rename(self.path, rotated_path(self.path, datetime.now(UTC)))
+        self.close()
+
+    def _line_start(self, size: int) -> bytes:
+        """A newline if the file ends mid-line (a crash, a failed write, in any process).
+
+        The torn bytes stay as they are and the next event starts on a line of its own.
+        """
+        if size in (0, self._clean_end) or os.pread(self._fd(), 1, size - 1) == b"\n":
+            return b""
+        log.warning(
+            "%s does not end with a newline (torn last line); the next event starts on a "
+            "fresh line at byte %d",
+            self.path,
+            size,
+        )
+        return b"\n"
 
     def _fd(self) -> int:
         if self.fd is None:
             raise OSError(errno.EBADF, "file is not open", str(self.path))
         return self.fd
 
-    def _rotation_due(self, incoming: int) -> bool:
-        return self.max_bytes > 0 and self.size > 0 and self.size + incoming > self.max_bytes
+    def _rotation_due(self, size: int, incoming: int) -> bool:
+        return self.max_bytes > 0 and size > 0 and size + incoming > self.max_bytes
 
     def _write_all(self, data: bytes) -> None:
         # os.write may write less than asked (signals, quotas, a nearly full disk); with
-        # O_APPEND each continuation still lands at the end, right after the previous part.
+        # O_APPEND each continuation still lands at the end, right after the previous part,
+        # since the lock keeps other workers out until the whole batch is in.
         view = memoryview(data)
         while view:
-            try:
-                written = os.write(self._fd(), view)
-                if written == 0:
-                    raise OSError(errno.EIO, "write made no progress", str(self.path))
-            except OSError:
-                if len(view) < len(data):
-                    self.torn = True
-                raise
-            self.size += written
+            written = os.write(self._fd(), view)
+            if written == 0:
+                raise OSError(errno.EIO, "write made no progress", str(self.path))
             view = view[written:]
-        self.torn = False
 
     def _sync_directory(self) -> None:
         fd = os.open(self.path.parent, os.O_RDONLY | os.O_CLOEXEC)
