@@ -9,9 +9,12 @@ the first succeeds it is a duplicate, if it fails the second one delivers.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from typing import Protocol
+
+_XID = re.compile(r"[0-9a-v]{20}")
 
 
 class DedupStore(Protocol):
@@ -49,8 +52,9 @@ class MemoryDedup:
         self.window = window
         self.max_entries = max_entries
         self._clock = clock
-        self._delivered: dict[str, float] = {}
+        self._delivered: dict[str | int, float] = {}
         self._in_flight: dict[str, asyncio.Future[bool]] = {}
+        self._stamp = -1.0
 
     def __len__(self) -> int:
         return len(self._delivered)
@@ -72,7 +76,7 @@ class MemoryDedup:
 
     async def commit(self, event_id: str) -> None:
         """Every sink took the event: remember it and wake any waiting duplicate."""
-        self._delivered[event_id] = self._clock()
+        self._delivered[self._key(event_id)] = self._second()
         self._evict()
         self._settle(event_id, delivered=True)
 
@@ -89,13 +93,31 @@ class MemoryDedup:
         if pending is not None and not pending.done():
             pending.set_result(delivered)
 
+    @staticmethod
+    def _key(event_id: str) -> str | int:
+        # DT's ids are 20 base32hex characters (rs/xid): as an int they take 40 bytes
+        # instead of 69. Only that exact shape is converted, so no two ids share a key
+        # (int() would also accept upper case, "_" and spaces); anything else stays a str.
+        if _XID.fullmatch(event_id):
+            return int(event_id, 32)
+        return event_id
+
+    def _second(self) -> float:
+        # One float object per second, shared by every id delivered in it: a window of a
+        # million ids then costs a million dict slots and keys, not also a million floats.
+        now = float(int(self._clock()))
+        if now != self._stamp:
+            self._stamp = now
+        return self._stamp
+
     def _seen(self, event_id: str) -> bool:
-        stamp = self._delivered.get(event_id)
+        key = self._key(event_id)
+        stamp = self._delivered.get(key)
         if stamp is None:
             return False
         if self._clock() - stamp <= self.window:
             return True
-        del self._delivered[event_id]
+        del self._delivered[key]
         return False
 
     def _evict(self) -> None:

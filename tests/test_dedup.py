@@ -76,3 +76,15 @@ async def test_expired_entries_are_dropped_on_commit() -> None:
         assert await dedup.claim(str(i))
         await dedup.commit(str(i))
     assert len(dedup) == 11
+
+
+async def test_ids_that_only_look_alike_are_never_the_same_key() -> None:
+    """DT's xid-shaped ids are stored compactly; no other id may collide with them."""
+    dedup = MemoryDedup(window=100, max_entries=100)
+    xid = "c82gg9catj3vmh4248og"
+    assert await dedup.claim(xid)
+    await dedup.commit(xid)
+    for other in (xid.upper(), "c82gg9catj_3vmh4248og"[:20], f" {xid[1:]}", xid[:19], "0" + xid):
+        assert await dedup.claim(other), other
+        await dedup.release(other)
+    assert not await dedup.claim(xid)
