@@ -42,8 +42,12 @@ class DedupStore(Protocol):
 class MemoryDedup:
     """An in-process window of delivered ids, bounded in time and in count.
 
-    Ids are kept in delivery order (a plain dict keeps insertion order), so expiry and
-    eviction only ever look at the oldest entries.
+    Ids live in two generations of at most ``max_entries / 2`` each: when the current one
+    is full, or the previous one has expired, it becomes the previous one and the old
+    previous one is dropped whole. So at least half of ``max_entries`` of the newest ids
+    are always remembered, and memory never grows past what ``max_entries`` ids take:
+    deleting single entries from one big dict would leave it sparse, and CPython doubles
+    the table when it compacts it.
     """
 
     def __init__(
@@ -52,12 +56,14 @@ class MemoryDedup:
         self.window = window
         self.max_entries = max_entries
         self._clock = clock
-        self._delivered: dict[str | int, float] = {}
+        self._generation = max(1, max_entries // 2)
+        self._current: dict[str | int, float] = {}
+        self._previous: dict[str | int, float] = {}
         self._in_flight: dict[str, asyncio.Future[bool]] = {}
         self._stamp = -1.0
 
     def __len__(self) -> int:
-        return len(self._delivered)
+        return len(self._current) + len(self._previous)
 
     async def connect(self) -> None:
         """Nothing to open: the window lives in this process."""
@@ -76,8 +82,10 @@ class MemoryDedup:
 
     async def commit(self, event_id: str) -> None:
         """Every sink took the event: remember it and wake any waiting duplicate."""
-        self._delivered[self._key(event_id)] = self._second()
-        self._evict()
+        now = self._second()
+        if len(self._current) >= self._generation or self._window_passed(now):
+            self._previous, self._current = self._current, {}
+        self._current[self._key(event_id)] = now
         self._settle(event_id, delivered=True)
 
     async def release(self, event_id: str) -> None:
@@ -92,6 +100,23 @@ class MemoryDedup:
         pending = self._in_flight.pop(event_id, None)
         if pending is not None and not pending.done():
             pending.set_result(delivered)
+
+    def _window_passed(self, now: float) -> bool:
+        """True once the previous generation has wholly expired and the current one has
+        begun to: then memory follows the window even when the count never fills a
+        generation. Entries go in in time order, so first and last are oldest and newest."""
+        if not self._current:
+            return False
+        if self._previous and now - self._previous[next(reversed(self._previous))] <= self.window:
+            return False
+        return now - self._current[next(iter(self._current))] > self.window
+
+    def _seen(self, event_id: str) -> bool:
+        key = self._key(event_id)
+        stamp = self._current.get(key)
+        if stamp is None:
+            stamp = self._previous.get(key)
+        return stamp is not None and self._clock() - stamp <= self.window
 
     @staticmethod
     def _key(event_id: str) -> str | int:
@@ -109,22 +134,3 @@ class MemoryDedup:
         if now != self._stamp:
             self._stamp = now
         return self._stamp
-
-    def _seen(self, event_id: str) -> bool:
-        key = self._key(event_id)
-        stamp = self._delivered.get(key)
-        if stamp is None:
-            return False
-        if self._clock() - stamp <= self.window:
-            return True
-        del self._delivered[key]
-        return False
-
-    def _evict(self) -> None:
-        horizon = self._clock() - self.window
-        delivered = self._delivered
-        while delivered:
-            oldest = next(iter(delivered))
-            if len(delivered) <= self.max_entries and delivered[oldest] >= horizon:
-                break
-            del delivered[oldest]

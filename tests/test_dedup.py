@@ -55,27 +55,32 @@ async def test_concurrent_claim_waits_for_the_first_outcome() -> None:
     assert await third is True  # the first failed, so this one must deliver
 
 
-async def test_entry_count_is_bounded_oldest_first() -> None:
+async def test_entry_count_is_bounded_and_the_newest_are_kept() -> None:
+    """At most max_entries ids, at least half of them; the oldest go first."""
     clock = Clock()
-    dedup = MemoryDedup(window=1000, max_entries=3, clock=clock)
-    for i, event_id in enumerate("abcd"):
+    dedup = MemoryDedup(window=10_000, max_entries=4, clock=clock)
+    ids = [f"id-{i}" for i in range(10)]
+    for i, event_id in enumerate(ids):
         clock.now = i
         assert await dedup.claim(event_id)
         await dedup.commit(event_id)
-    assert len(dedup) == 3
-    assert await dedup.claim("a")  # evicted, so it is new again
-    assert not await dedup.claim("d")
+        assert len(dedup) <= 4
+    for recent in ids[-2:]:
+        assert not await dedup.claim(recent)
+    assert await dedup.claim(ids[0])  # long evicted, so it is new again
 
 
-async def test_expired_entries_are_dropped_on_commit() -> None:
-    """Memory follows the window, not the total number of events ever seen."""
+async def test_memory_follows_the_window_when_the_count_never_fills() -> None:
+    """With few events, expired ids are dropped too, not only kept away by the clock."""
     clock = Clock()
     dedup = MemoryDedup(window=10, max_entries=1000, clock=clock)
     for i in range(100):
         clock.now = i
         assert await dedup.claim(str(i))
         await dedup.commit(str(i))
-    assert len(dedup) == 11
+        assert len(dedup) <= 2 * 11 + 1
+    assert not await dedup.claim("95")
+    assert await dedup.claim("80")  # expired
 
 
 async def test_ids_that_only_look_alike_are_never_the_same_key() -> None:
