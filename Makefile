@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 run: export DCON_VERIFY_MODE ?= secret
 run: export DCON_SIGNATURE_SECRETS ?= dev-secret
 
-.PHONY: run test lint fmt bench bench-quick bench-profile certs docs tls-check clean
+.PHONY: run test lint fmt bench bench-quick bench-profile certs docs tls-check container-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ bench-profile: $(BIN)/.installed
 
 tls-check: $(BIN)/.installed
 	BIN=$(BIN) tls-check/run
+
+# Build the Dockerfile and run the image end to end (root; installs buildah and debootstrap).
+container-check: $(BIN)/.installed
+	container/check
 
 docs: $(BIN)/.installed
 	$(BIN)/python docs/settings_table.py
