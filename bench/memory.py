@@ -73,16 +73,19 @@ def status_kib() -> dict[str, int]:
 
 
 def dedup_held(receiver: Receiver) -> tuple[int, int]:
-    """Ids in the in-memory dedup window and their size at the Python level (its dict, id
-    strings and timestamps), in KiB; (0, 0) for another store."""
+    """Ids in the in-memory dedup window and their size at the Python level (its dicts,
+    keys and timestamps), in KiB; (0, 0) for another store."""
     store = receiver.dedup
     if not isinstance(store, MemoryDedup):
         return 0, 0
-    delivered: dict[str, float] = store._delivered
-    size = sys.getsizeof(delivered) + sum(
-        sys.getsizeof(k) + sys.getsizeof(v) for k, v in delivered.items()
+    generations = (store._current, store._previous)
+    stamps = {id(v): v for g in generations for v in g.values()}  # shared, counted once
+    size = (
+        sum(sys.getsizeof(g) for g in generations)
+        + sum(sys.getsizeof(k) for g in generations for k in g)
+        + sum(sys.getsizeof(v) for v in stamps.values())
     )
-    return len(delivered), size // 1024
+    return len(store), size // 1024
 
 
 def mb(kib: float) -> str:
