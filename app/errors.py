@@ -41,39 +41,37 @@ class MalformedBody(ReceiverError):
     code = "malformed_body"
 
 
-class DeliveryFailed(ReceiverError):
-    """At least one sink did not take the event: answer 503 so that DT retries."""
+class RetryLater(ReceiverError):
+    """Not stored now, nothing wrong with the request: 503 with ``Retry-After``."""
 
     status = 503
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class DeliveryFailed(RetryLater):
+    """At least one sink did not take the event: answer 503 so that DT retries."""
+
     code = "sink_unavailable"
 
     def __init__(self, detail: str, sinks: tuple[str, ...], retry_after: int) -> None:
-        super().__init__(detail)
+        super().__init__(detail, retry_after)
         self.sinks = sinks
-        self.retry_after = retry_after
 
 
-class DedupBusy(ReceiverError):
+class DedupBusy(RetryLater):
     """Another process is still delivering this eventId; its outcome is not known yet."""
 
-    status = 503
     code = "in_flight_elsewhere"
 
-    def __init__(self, detail: str, retry_after: int) -> None:
-        super().__init__(detail)
-        self.retry_after = retry_after
 
-
-class DedupUnavailable(ReceiverError):
+class DedupUnavailable(RetryLater):
     """The dedup store shared by processes did not answer: without it a duplicate cannot be
     told apart, so the event is refused (503) rather than risked; DT retries."""
 
-    status = 503
     code = "dedup_unavailable"
-
-    def __init__(self, detail: str, retry_after: int) -> None:
-        super().__init__(detail)
-        self.retry_after = retry_after
 
 
 class ConfigError(Exception):

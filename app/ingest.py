@@ -23,10 +23,9 @@ from starlette.types import Receive, Scope, Send
 
 from app.errors import (
     BodyTooLarge,
-    DedupBusy,
-    DedupUnavailable,
     DeliveryFailed,
     ReceiverError,
+    RetryLater,
     SignatureError,
 )
 from app.metrics import CONTENT_TYPE, Metrics
@@ -58,7 +57,7 @@ def error_answer(exc: ReceiverError) -> tuple[dict[str, Any], dict[str, str]]:
         content["scheme"] = exc.scheme
     if isinstance(exc, DeliveryFailed):
         content["sinks"] = list(exc.sinks)
-    if isinstance(exc, DeliveryFailed | DedupBusy | DedupUnavailable):
+    if isinstance(exc, RetryLater):
         headers["Retry-After"] = str(exc.retry_after)
     return content, headers
 
