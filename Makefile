@@ -42,6 +42,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/signature.py
 	$(BIN)/python bench/file_sink.py
 	$(BIN)/python bench/http_bench.py $(BENCH_FLAGS)
+	$(BIN)/python bench/workers.py
 	$(BIN)/python bench/memory.py
 
 bench-quick: $(BIN)/.installed
