@@ -42,7 +42,8 @@ class Receiver:
     async def receive(self, body: bytes, headers: Mapping[str, str]) -> Ack:
         """Take one DT request; return only once the event is safe in every sink.
 
-        Raises ``SignatureError``, ``MalformedBody`` or ``DeliveryFailed``.
+        Raises ``SignatureError`` (401), ``MalformedBody`` (400) or a ``RetryLater`` (503:
+        a sink failed, or a shared dedup store is busy or unreachable).
         """
         try:
             verification = self.verifier.verify(body, headers)
