@@ -282,6 +282,12 @@ class Settings(BaseSettings):
             raise ValueError(reason)
         return self
 
+    def local_url(self, path: str) -> str:
+        """``path`` on this receiver as seen from the same host (for health and self tests)."""
+        wildcard = self.host in ("0.0.0.0", "::", "")  # noqa: S104 - compared, not bound
+        host = "127.0.0.1" if wildcard else self.host
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}{path}"
+
     @property
     def dedup_kind(self) -> str:
         """The dedup store in use once ``auto`` is resolved."""

@@ -43,12 +43,6 @@ class Report:
         click.echo(f"  FAIL  {text}")
 
 
-def _default_url(settings: Settings) -> str:
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104
-    scheme = "https" if settings.tls else "http"
-    return f"{scheme}://{host}:{settings.port}{settings.path}"
-
-
 def _leaf(host: str, port: int, context: ssl.SSLContext) -> tuple[x509.Certificate, str, str]:
     with (
         socket.create_connection((host, port), timeout=5) as raw,
@@ -159,7 +153,7 @@ def selftest(
         settings = load_settings()
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    url = url or _default_url(settings)
+    url = url or settings.local_url(settings.path)
     report = Report()
     click.echo(f"selftest of {url}")
     click.echo(

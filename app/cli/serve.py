@@ -137,17 +137,13 @@ def healthcheck() -> None:
         settings = load_settings()
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104
-    scheme = "https" if settings.tls else "http"
     # This asks our own process on its own address whether it is alive; the certificate
     # may name a public host, so identity is not what is checked here.
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        response = httpx.get(
-            f"{scheme}://{host}:{settings.port}/healthz", verify=context, timeout=5
-        )
+        response = httpx.get(settings.local_url("/healthz"), verify=context, timeout=5)
     except httpx.HTTPError as exc:
         raise click.ClickException(f"no answer: {exc}") from None
     if response.status_code != 200:

@@ -24,7 +24,7 @@ import click
 
 from app.asymmetric import ASYMMETRIC_HEADER, ES256, AsymmetricScheme, DTKeys, KeysUnavailable
 from app.errors import SignatureError
-from app.settings import DT_ISSUER, TWELVE_HOURS
+from app.settings import DT_ISSUER, Settings
 from app.signature import (
     HS256,
     SECRET_HEADER,
@@ -427,14 +427,14 @@ def _moment(ctx: click.Context, param: click.Parameter, value: str | None) -> fl
 @click.option(
     "--max-token-age",
     type=click.IntRange(min=0),
-    default=TWELVE_HOURS + 3600,
+    default=Settings.model_fields["max_token_age"].default,
     show_default=True,
     help="Seconds after iat a token is accepted (DCON_MAX_TOKEN_AGE).",
 )
 @click.option(
     "--leeway",
     type=click.IntRange(min=0),
-    default=60,
+    default=Settings.model_fields["token_leeway"].default,
     show_default=True,
     help="Clock skew allowed, in seconds (DCON_TOKEN_LEEWAY).",
 )
