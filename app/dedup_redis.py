@@ -17,14 +17,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.connection import parse_url
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from app.dedup_shared import Action, Claim, Op, Result, SharedDedup
 from app.errors import ConfigError, DedupUnavailable
+from app.redis_pool import redis_client
 
 DELIVERED = "delivered"  # a token is hex, so it can never read as this
 MAX_CONNECTIONS = 32
@@ -88,15 +87,9 @@ class RedisDedup(SharedDedup):
         """Open the connection pool and prove the server answers."""
         if self._client is not None:
             return
-        pool = BlockingConnectionPool.from_url(
-            self.url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=TIMEOUT,
-            socket_connect_timeout=TIMEOUT,
-            socket_timeout=TIMEOUT,
-            retry=Retry(NoBackoff(), RETRIES),
+        self._client = redis_client(
+            self.url, max_connections=MAX_CONNECTIONS, timeout=TIMEOUT, connect_timeout=TIMEOUT
         )
-        self._client = Redis.from_pool(pool)
         try:
             await self._ask(self._client.ping())
         except BaseException:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.connection import parse_url
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
+from app.redis_pool import redis_client
 from app.sinks.base import SinkConfigError, SinkError
 from app.sinks.template import Template
 
@@ -32,9 +31,6 @@ CONNECT_TIMEOUT = 3.0
 # A backstop only: the receiver's deadline (DCON_SINK_TIMEOUT) cancels a send far sooner.
 SOCKET_TIMEOUT = 10.0
 PING_TIMEOUT = 3.0
-# One immediate retry on a lost connection: after an outage a pooled connection may be
-# dead, and a fresh one should take the next event rather than a 503.
-RETRIES = 1
 
 
 class RedisSink:
@@ -65,15 +61,12 @@ class RedisSink:
         """Open the connection pool and prove the server answers."""
         if self._client is not None:
             return
-        pool = BlockingConnectionPool.from_url(
+        self._client = redis_client(
             self.url,
             max_connections=MAX_CONNECTIONS,
             timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=CONNECT_TIMEOUT,
-            socket_timeout=SOCKET_TIMEOUT,
-            retry=Retry(NoBackoff(), RETRIES),
+            connect_timeout=CONNECT_TIMEOUT,
         )
-        self._client = Redis.from_pool(pool)
         try:
             await self.ping()
         except BaseException:
