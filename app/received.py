@@ -9,8 +9,13 @@ from datetime import datetime
 from functools import cached_property
 from typing import Any
 
-from app.events import ParsedBody
-from app.signature import Verification
+from app.events import ParsedBody, parse_body
+from app.signature import SchemePass, Verification
+
+# What ``record()`` writes between the metadata and DT's verbatim body.
+_BODY_KEY = b',"body":'
+# Stands in for the key name, which a record does not keep.
+RECORDED_KEY = "(as recorded)"
 
 
 @dataclass(frozen=True)
@@ -19,6 +24,35 @@ class ReceivedEvent:
     parsed: ParsedBody
     verification: Verification
     received_at: datetime
+
+    @classmethod
+    def from_record(cls, line: bytes) -> ReceivedEvent:
+        """The event a ``record()`` line describes, with DT's body byte for byte.
+
+        Spool files, dead-letter files and the file sink's JSON Lines all hold these
+        lines, so whatever reads them back (the spool's forwarder, ``replay``) gets the
+        event the receiver accepted: the same body, receive time and verification label.
+        Raises ``ValueError`` for a line that is not a record.
+        """
+        doc = json.loads(line)
+        if not isinstance(doc, dict) or "body" not in doc or "receivedAt" not in doc:
+            raise ValueError("not an event record: no body or receivedAt")
+        if "bodyBase64" in doc:
+            body = base64.b64decode(doc["bodyBase64"], validate=True)
+        else:
+            # Metadata values are JSON strings, in which a bare quote cannot occur, so
+            # the first ',"body":' is where the verbatim body was spliced in.
+            line = line.rstrip(b"\r\n")
+            start = line.find(_BODY_KEY)
+            body = line[start + len(_BODY_KEY) : -1]
+        label = doc.get("verification") or "unverified"
+        passes = () if label == "unverified" else label.split("+")
+        return cls(
+            body,
+            parse_body(body),
+            Verification(tuple(SchemePass(scheme, RECORDED_KEY) for scheme in passes)),
+            datetime.fromisoformat(doc["receivedAt"]),
+        )
 
     @property
     def event_id(self) -> str | None:

@@ -1,0 +1,54 @@
+"""A record line read back is the event that was accepted: the spool, dead letters and
+``replay`` all rely on it."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from app.events import ParseOutcome, parse_body
+from app.received import ReceivedEvent
+from app.signature import UNVERIFIED, SchemePass, Verification
+from tests.conftest import payload_files
+
+AT = datetime(2026, 11, 26, 4, 5, 6, 789000, tzinfo=UTC)
+BOTH = Verification((SchemePass("asymmetric", "kid-1"), SchemePass("secret", "secret #1")))
+
+
+@pytest.mark.parametrize("path", payload_files(), ids=lambda p: p.stem)
+def test_every_payload_round_trips_byte_for_byte(path):
+    body = path.read_bytes().strip()
+    event = ReceivedEvent(body, parse_body(body), BOTH, AT)
+    back = ReceivedEvent.from_record(event.record() + b"\n")
+    assert back.body == body
+    assert back.event_id == event.event_id
+    assert back.event_type == event.event_type
+    assert back.parsed.outcome is event.parsed.outcome
+    assert back.received_at == AT
+    assert back.verification.label == "asymmetric+secret"
+    assert back.record() == event.record()
+
+
+def test_a_body_with_line_breaks_comes_back_exact():
+    body = b'{\n  "event": {"eventId": "c0000000000000000001", "eventType": "touch"},\r\n "x": 1}'
+    event = ReceivedEvent(body, parse_body(body), UNVERIFIED, AT)
+    assert b"\n" not in event.record()
+    back = ReceivedEvent.from_record(event.record())
+    assert back.body == body
+    assert not back.verified
+
+
+def test_a_body_that_quotes_the_splice_marker_is_not_cut_there():
+    doc = {"event": {"eventId": 'a,"body":b', "eventType": "made-up"}, "labels": {}}
+    body = json.dumps(doc, separators=(",", ":")).encode()
+    event = ReceivedEvent(body, parse_body(body), UNVERIFIED, AT)
+    assert event.parsed.outcome is not ParseOutcome.TYPED
+    assert ReceivedEvent.from_record(event.record()).body == body
+
+
+@pytest.mark.parametrize("line", [b"[]", b'{"eventId": "x"}', b"not json", b'{"body": {}}'])
+def test_a_line_that_is_not_a_record_is_refused(line):
+    with pytest.raises(ValueError):
+        ReceivedEvent.from_record(line)
