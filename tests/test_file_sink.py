@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
 import json
 import logging
@@ -21,7 +22,7 @@ from app.received import ReceivedEvent
 from app.settings import Settings
 from app.signature import SchemePass, Verification
 from app.sinks.base import Sink, SinkError
-from app.sinks.file import FileSink
+from app.sinks.file import TAIL_CHUNK, FileSink
 
 pytestmark = pytest.mark.anyio
 
@@ -136,20 +137,78 @@ async def test_restart_appends_to_the_existing_file(tmp_path: Path) -> None:
     assert ids(path) == [event_id(i) for i in range(5)]
 
 
-async def test_torn_last_line_is_kept_and_the_next_line_starts_fresh(
+def torn_records(path: Path) -> list[dict[str, Any]]:
+    torn = path.with_name(path.name + ".torn")
+    return [json.loads(line) for line in torn.read_bytes().splitlines()]
+
+
+async def test_torn_last_line_is_moved_out_on_open(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """After a crash mid-line, the torn bytes stay untouched and new events start on a new line."""
+    """After a crash mid-line, opening moves the torn bytes to events.jsonl.torn (with their
+    offset and the time) and the file ends at its last whole line, with a warning."""
     path = tmp_path / "events.jsonl"
     whole = event(0).record() + b"\n"
     torn = event(1).record()[:40]
     path.write_bytes(whole + torn)
     with caplog.at_level(logging.WARNING, logger="app.sinks.file"):
         async with opened(path) as sink:
+            assert path.read_bytes() == whole
+            await sink.send(event(2))
+    assert ids(path) == [event_id(0), event_id(2)]
+    (moved,) = torn_records(path)
+    assert (moved["file"], moved["offset"], moved["bytes"]) == (str(path), len(whole), 40)
+    assert base64.b64decode(moved["tail"]) == torn
+    assert moved["text"] == torn.decode()
+    assert datetime.fromisoformat(moved["movedAt"]).tzinfo is not None
+    assert str(path) in caplog.text
+    assert f"40 bytes from offset {len(whole)}" in caplog.text
+
+
+async def test_torn_tails_accumulate_and_nothing_is_deleted(tmp_path: Path) -> None:
+    """A file that is all one torn line empties; a later tear adds a second record, and a
+    tail longer than one read back is found whole."""
+    path = tmp_path / "events.jsonl"
+    first = b'{"eventId":"half'
+    path.write_bytes(first)
+    async with opened(path, fsync=False):
+        assert path.read_bytes() == b""
+    second = b"x" * (3 * TAIL_CHUNK + 5)
+    path.write_bytes(event(0).record() + b"\n" + second)
+    async with opened(path, fsync=False):
+        pass
+    assert ids(path) == [event_id(0)]
+    records_ = torn_records(path)
+    assert [base64.b64decode(r["tail"]) for r in records_] == [first, second]
+    assert [r["offset"] for r in records_] == [0, len(event(0).record()) + 1]
+
+
+async def test_a_file_ending_with_a_whole_line_is_left_alone(tmp_path: Path) -> None:
+    """No tear, no .torn file, not one byte changed."""
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(event(0).record() + b"\n")
+    async with opened(path):
+        pass
+    assert ids(path) == [event_id(0)]
+    assert not path.with_name("events.jsonl.torn").exists()
+
+
+async def test_a_tear_by_another_process_gets_the_next_line_started_fresh(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Torn bytes appended by another writer while this one is open stay, and the next
+    event starts on a line of its own (the next open moves them out)."""
+    path = tmp_path / "events.jsonl"
+    whole = event(0).record() + b"\n"
+    torn = event(1).record()[:40]
+    with caplog.at_level(logging.WARNING, logger="app.sinks.file"):
+        async with opened(path) as sink:
+            await sink.send(event(0))
+            with path.open("ab") as other:
+                other.write(torn)
             await sink.send(event(2))
     assert path.read_bytes() == whole + torn + b"\n" + event(2).record() + b"\n"
-    assert str(path) in caplog.text
-    assert str(len(whole + torn)) in caplog.text
+    assert f"fresh line at byte {len(whole + torn)}" in caplog.text
 
 
 async def test_rotation_keeps_every_line_exactly_once(tmp_path: Path) -> None:
@@ -209,10 +268,10 @@ async def test_short_writes_are_continued(tmp_path: Path, monkeypatch: pytest.Mo
     assert ids(path) == [event_id(i) for i in range(20)]
 
 
-async def test_write_failing_midway_leaves_the_next_line_fresh(
+async def test_write_failing_midway_is_cut_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A write that dies half-way fails its callers; the next event still gets a line of its own."""
+    """A write that dies half-way (disk full) fails its callers and leaves no part of a line."""
     real_write = os.write
     calls = 0
 
@@ -225,12 +284,13 @@ async def test_write_failing_midway_leaves_the_next_line_fresh(
 
     path = tmp_path / "events.jsonl"
     async with opened(path) as sink:
+        await sink.send(event(0))
         monkeypatch.setattr(os, "write", write_then_fail)
         with pytest.raises(SinkError):
             await sink.send(event(1))
         monkeypatch.undo()
         await sink.send(event(2))
-    assert path.read_bytes() == event(1).record()[:30] + b"\n" + event(2).record() + b"\n"
+    assert path.read_bytes() == event(0).record() + b"\n" + event(2).record() + b"\n"
 
 
 async def test_close_completes_sends_already_made(tmp_path: Path) -> None:

@@ -14,13 +14,22 @@ line are read from the file itself under the lock, not remembered, because other
 processes write too. One file rather than one per worker keeps ``DCON_FILE_PATH`` the
 single file its readers know, across restarts and changes of the worker count; the lock
 is held only for the write, and each worker's ``fsync`` runs outside it.
+
+Crash safety: a line is answered 200 only after the write and fsync that hold it, so the
+bytes after the file's last newline never got a 200. A write that fails part-way (a full
+disk) is cut back off under the lock. A tail torn by a crash is moved, on the next open,
+into ``<name>.torn`` beside the file (with its offset and the time), and the file is
+truncated to its last whole line: readers always see whole lines, and nothing is
+silently deleted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
 import fcntl
+import json
 import logging
 import os
 import stat
@@ -43,6 +52,9 @@ NAME = "file"
 FILE_MODE = 0o640
 # Read too: the last byte tells whether the file ends mid-line.
 OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+TORN_SUFFIX = ".torn"
+# How far back each read looks for the last newline of a file with a torn tail.
+TAIL_CHUNK = 64 * 1024
 
 Pending = tuple[bytes, asyncio.Future[None]]
 
@@ -77,16 +89,17 @@ class LineFile:
         self._clean_end: int | None = None
 
     def open(self) -> None:
-        """Create the directory and open the file for appending."""
+        """Create the directory, open the file for appending, and move out a torn tail."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, OPEN_FLAGS, FILE_MODE)
-        if self.fsync:
-            try:
+        try:
+            self._repair_torn_tail()
+            if self.fsync:
                 # Makes a newly created (or freshly rotated) file's directory entry durable.
                 self._sync_directory()
-            except OSError:
-                self.close()  # a failed connect must not leak the descriptor
-                raise
+        except OSError:
+            self.close()  # a failed connect must not leak the descriptor
+            raise
 
     def append(self, lines: bytes) -> None:
         """Append whole lines with one write (and one fsync), rotating first if due."""
@@ -107,7 +120,11 @@ class LineFile:
                 # already, so it is checked like any other.
                 size = self._lock_current()
             data = self._line_start(size) + lines
-            self._write_all(data)
+            try:
+                self._write_all(data)
+            except OSError:
+                self._cut_back(size)
+                raise
             self._clean_end = size + len(data)
         finally:
             self._unlock()
@@ -166,9 +183,10 @@ class LineFile:
         self.close()
 
     def _line_start(self, size: int) -> bytes:
-        """A newline if the file ends mid-line (a crash, a failed write, in any process).
+        """A newline if the file ends mid-line, torn by another process since it opened.
 
-        The torn bytes stay as they are and the next event starts on a line of its own.
+        The torn bytes stay as they are (the next open moves them out) and the next event
+        starts on a line of its own.
         """
         if size in (0, self._clean_end) or os.pread(self._fd(), 1, size - 1) == b"\n":
             return b""
@@ -179,6 +197,62 @@ class LineFile:
             size,
         )
         return b"\n"
+
+    def _cut_back(self, size: int) -> None:
+        """Remove what a failed write left past ``size`` (the lock is held): none of it
+        gets a 200, and a part of a line must not stay for readers to trip on."""
+        try:
+            os.ftruncate(self._fd(), size)
+        except OSError as exc:
+            # The next write starts on a fresh line (_line_start); a restart moves it out.
+            log.error("%s: cannot cut a failed write back to byte %d: %s", self.path, size, exc)
+
+    def _repair_torn_tail(self) -> None:
+        """Under the lock: if the file ends mid-line, move the bytes after its last
+        newline to ``<name>.torn`` and truncate the file there."""
+        fcntl.flock(self._fd(), fcntl.LOCK_EX)
+        try:
+            size = self._size_if_current()
+            if not size or os.pread(self._fd(), 1, size - 1) == b"\n":
+                return
+            cut = self._after_last_newline(size)
+            tail = os.pread(self._fd(), size - cut, cut)
+            torn = self.path.with_name(self.path.name + TORN_SUFFIX)
+            _append_durably(torn, self._torn_record(cut, tail))
+            os.ftruncate(self._fd(), cut)
+            os.fsync(self._fd())
+            log.warning(
+                "%s ended with a torn line (a crash mid-write; it was never acknowledged): "
+                "moved its %d bytes from offset %d to %s",
+                self.path,
+                len(tail),
+                cut,
+                torn,
+            )
+        finally:
+            self._unlock()
+
+    def _after_last_newline(self, size: int) -> int:
+        """The offset just after the file's last newline (0 if it has none)."""
+        end = size
+        while end > 0:
+            start = max(0, end - TAIL_CHUNK)
+            found = os.pread(self._fd(), end - start, start).rfind(b"\n")
+            if found >= 0:
+                return start + found + 1
+            end = start
+        return 0
+
+    def _torn_record(self, offset: int, tail: bytes) -> bytes:
+        record = {
+            "file": str(self.path),
+            "offset": offset,
+            "bytes": len(tail),
+            "movedAt": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "tail": base64.b64encode(tail).decode("ascii"),  # exact bytes
+            "text": tail.decode("utf-8", "replace"),  # for a reader's eyes
+        }
+        return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
     def _fd(self) -> int:
         if self.fd is None:
@@ -319,6 +393,17 @@ class FileSink:
             _settle(batch, "the write was interrupted")
             raise
         _settle(batch, None)
+
+
+def _append_durably(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _settle(batch: list[Pending], error: str | None) -> None:
