@@ -18,10 +18,11 @@ import ssl
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import click
 import httpx
@@ -40,6 +41,7 @@ CHATTY_UP_TO = 10
 MAX_OPEN_EVENTS = 1024
 SAMPLE_CHARS = 300
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,39 +178,91 @@ class Emulator:
 
     async def run(self, bodies: Iterable[bytes], rate: float) -> None:
         in_flight = asyncio.Semaphore(self.concurrency)
-        open_events = asyncio.Semaphore(MAX_OPEN_EVENTS)
-        start = time.monotonic()
-        async with asyncio.TaskGroup() as group:
-            for index, body in enumerate(bodies):
-                if rate > 0:
-                    await asyncio.sleep(max(0.0, start + index / rate - time.monotonic()))
-                await open_events.acquire()
-                task = group.create_task(self._deliver(body, in_flight))
-                task.add_done_callback(lambda _: open_events.release())
+        await each_open(bodies, lambda body: self._deliver(body, in_flight), rate=rate)
 
     async def _deliver(self, body: bytes, in_flight: asyncio.Semaphore) -> None:
-        for attempt in range(self.backoff.retries + 1):
-            # Only the request holds a slot: an event waiting out its pause does not
-            # stop other events from going out.
-            async with in_flight:
-                answer = await self._attempt(body)
-            last = answer.ok or attempt == self.backoff.retries
-            pause = None if last else self.backoff.pause(attempt)
-            self.tally.add(answer, last=last)
+        def answered(answer: Answer, attempt: int, pause: float | None) -> None:
+            self.tally.add(answer, last=pause is None)
             self.on_answer(answer, attempt, pause)
-            if pause is None:
-                return
-            await asyncio.sleep(pause)
 
-    async def _attempt(self, body: bytes) -> Answer:
-        headers = self.signer.headers(body)
-        started = time.perf_counter()
-        try:
-            response = await self.client.post(self.url, content=body, headers=headers)
-        except httpx.TransportError as exc:
-            return Answer(type(exc).__name__, ok=False, text=str(exc) or type(exc).__name__)
-        latency = time.perf_counter() - started
-        return Answer(str(response.status_code), response.is_success, response.text, latency)
+        await retrying(
+            lambda: post_signed(self.client, self.url, self.signer, body),
+            self.backoff,
+            in_flight,
+            answered,
+        )
+
+
+async def each_open(
+    items: Iterable[T], work: Callable[[T], Awaitable[None]], *, rate: float = 0
+) -> None:
+    """Run ``work`` on every item, at most ``MAX_OPEN_EVENTS`` unfinished at once.
+
+    Items are taken from ``items`` only as earlier ones finish, so a long input is never
+    held in memory; ``rate`` > 0 caps how many start per second.
+    """
+    open_events = asyncio.Semaphore(MAX_OPEN_EVENTS)
+    start = time.monotonic()
+    async with asyncio.TaskGroup() as group:
+        for index, item in enumerate(items):
+            if rate > 0:
+                await asyncio.sleep(max(0.0, start + index / rate - time.monotonic()))
+            await open_events.acquire()
+            task = group.create_task(work(item))
+            task.add_done_callback(lambda _: open_events.release())
+
+
+async def retrying(
+    attempt: Callable[[], Awaitable[Answer]],
+    backoff: Backoff,
+    in_flight: asyncio.Semaphore,
+    on_answer: Callable[[Answer, int, float | None], None],
+) -> Answer:
+    """Attempt until a success or ``backoff.retries`` retries; the last answer.
+
+    ``on_answer`` hears every answer with its attempt number and the pause before the
+    next attempt (None: that was the last one).
+    """
+    number = 0
+    while True:
+        # Only the attempt holds a slot: an event waiting out its pause does not
+        # stop other events from going out.
+        async with in_flight:
+            answer = await attempt()
+        last = answer.ok or number == backoff.retries
+        pause = None if last else backoff.pause(number)
+        on_answer(answer, number, pause)
+        if pause is None:
+            return answer
+        await asyncio.sleep(pause)
+        number += 1
+
+
+async def post_signed(
+    client: httpx.AsyncClient, url: str, signer: Signer, body: bytes
+) -> Answer:
+    """POST ``body`` with fresh signatures; the status, or the connection error's name."""
+    headers = signer.headers(body)
+    started = time.perf_counter()
+    try:
+        response = await client.post(url, content=body, headers=headers)
+    except httpx.TransportError as exc:
+        return Answer(type(exc).__name__, ok=False, text=str(exc) or type(exc).__name__)
+    latency = time.perf_counter() - started
+    return Answer(str(response.status_code), response.is_success, response.text, latency)
+
+
+def http_client(
+    trust: ssl.SSLContext | bool, timeout: float, concurrency: int
+) -> httpx.AsyncClient:
+    """A client as DT's: HTTP/1.1, one connection per request in flight."""
+    return httpx.AsyncClient(
+        verify=trust,
+        timeout=timeout,
+        limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        http1=True,
+        http2=False,
+    )
 
 
 def generated(event_type: str, count: int) -> Iterator[bytes]:
@@ -394,14 +448,7 @@ def send(
         raise click.BadParameter(
             f"cannot sign with {key_file}: {exc}", param_hint="--key"
         ) from None
-    trust = ssl.create_default_context(cafile=cacert)
-    client = httpx.AsyncClient(
-        verify=trust,
-        timeout=timeout,
-        limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-        http1=True,
-        http2=False,
-    )
+    client = http_client(ssl.create_default_context(cafile=cacert), timeout, concurrency)
     printer = _printer(verbose, retries)
     show_progress = not (quiet or verbose) and sys.stderr.isatty()
     with ExitStack() as stack:
