@@ -7,6 +7,7 @@ import click
 from app import __version__
 from app.cli.config import config
 from app.cli.keys import certs, dev_keys
+from app.cli.replay import replay
 from app.cli.selftest import selftest
 from app.cli.send import send
 from app.cli.serve import healthcheck, serve
@@ -19,5 +20,5 @@ def main() -> None:
     """Receiver for Disruptive Technologies Data Connectors."""
 
 
-for command in (serve, send, selftest, certs, dev_keys, healthcheck, verify, config):
+for command in (serve, send, replay, selftest, certs, dev_keys, healthcheck, verify, config):
     main.add_command(command)

@@ -18,11 +18,11 @@ import ssl
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
 import httpx
@@ -194,7 +194,7 @@ class Emulator:
 
 
 async def each_open(
-    items: Iterable[T], work: Callable[[T], Awaitable[None]], *, rate: float = 0
+    items: Iterable[T], work: Callable[[T], Coroutine[Any, Any, None]], *, rate: float = 0
 ) -> None:
     """Run ``work`` on every item, at most ``MAX_OPEN_EVENTS`` unfinished at once.
 
@@ -238,9 +238,7 @@ async def retrying(
         number += 1
 
 
-async def post_signed(
-    client: httpx.AsyncClient, url: str, signer: Signer, body: bytes
-) -> Answer:
+async def post_signed(client: httpx.AsyncClient, url: str, signer: Signer, body: bytes) -> Answer:
     """POST ``body`` with fresh signatures; the status, or the connection error's name."""
     headers = signer.headers(body)
     started = time.perf_counter()
