@@ -215,6 +215,13 @@ def test_percentile_is_nearest_rank() -> None:
 @pytest.fixture
 def receiver(tmp_path: Path) -> Iterator[tuple[str, str]]:
     """A real `dcon-receiver serve` over HTTPS: (events URL, CA file)."""
+    with secret_receiver(tmp_path) as found:
+        yield found
+
+
+@contextmanager
+def secret_receiver(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """`dcon-receiver serve` checking SECRET, storing to tmp_path/data/events.jsonl."""
     port = free_port()
     env = base_env(
         tmp_path,

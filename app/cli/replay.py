@@ -39,6 +39,7 @@ from app.cli.send import (
     Answer,
     Backoff,
     Signer,
+    backoff_options,
     each_open,
     http_client,
     post_signed,
@@ -545,13 +546,7 @@ Exit codes:
     show_default=True,
     help="Retries of an event that failed (non-2xx, connection error, sink failure).",
 )
-@click.option(
-    "--backoff",
-    type=click.FloatRange(min=0),
-    default=0.5,
-    show_default=True,
-    help="First pause before a retry, in seconds; it doubles each time, with jitter.",
-)
+@backoff_options
 @click.option(
     "--failed-to",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -575,6 +570,7 @@ def replay(
     concurrency: int,
     retries: int,
     backoff: float,
+    backoff_max: float,
     failed_to: Path | None,
     dry_run: bool,
     as_json: bool,
@@ -637,7 +633,7 @@ def replay(
             tally.failed_to = str(failed_to)
         job = Replay(
             None if dry_run else attempt,
-            Backoff(retries, backoff),
+            Backoff(retries, backoff, backoff_max),
             concurrency,
             keep,
             tally,

@@ -301,6 +301,28 @@ def _printer(verbose: bool, retries: int) -> Callable[[Answer, int, float | None
     return show
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def backoff_options(command: F) -> F:
+    """``--backoff`` and ``--backoff-max``, the pauses of ``Backoff``."""
+    first = click.option(
+        "--backoff",
+        type=click.FloatRange(min=0),
+        default=0.5,
+        show_default=True,
+        help="First pause before a retry, in seconds; it doubles each time, with jitter.",
+    )
+    cap = click.option(
+        "--backoff-max",
+        type=click.FloatRange(min=0),
+        default=30.0,
+        show_default=True,
+        help="Longest pause between retries, in seconds.",
+    )
+    return first(cap(command))
+
+
 @click.command()
 @click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
@@ -375,20 +397,7 @@ def _printer(verbose: bool, retries: int) -> Callable[[Answer, int, float | None
     help="Retries of an event after a non-2xx answer or a connection error, each signed "
     "afresh (DT retries for 12 h).",
 )
-@click.option(
-    "--backoff",
-    type=click.FloatRange(min=0),
-    default=0.5,
-    show_default=True,
-    help="First pause before a retry, in seconds; it doubles each time, with jitter.",
-)
-@click.option(
-    "--backoff-max",
-    type=click.FloatRange(min=0),
-    default=30.0,
-    show_default=True,
-    help="Longest pause between retries, in seconds.",
-)
+@backoff_options
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
