@@ -59,6 +59,7 @@ DEAD_LETTER = "dead-letter.jsonl"
 LISTED = 10  # failures and unreadable lines the text summary names; --json names more
 KEPT = 1000
 PROGRESS_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal
+BAR_EVERY = 0.1  # seconds between redraws of the bar
 # A sink's failure, as Delivery logs it, lands in the list of the event being delivered.
 _REASONS: ContextVar[list[str] | None] = ContextVar("replay_reasons", default=None)
 
@@ -253,28 +254,37 @@ class Progress:
     def __init__(self, tally: Tally, stack: ExitStack, *, bar_length: int | None) -> None:
         self.tally = tally
         self.shown = 0
-        self.next_line = time.monotonic() + PROGRESS_EVERY
         self.bar = None
+        self.next_line = time.monotonic() + (PROGRESS_EVERY if bar_length is None else 0)
         if bar_length is not None:
             self.bar = stack.enter_context(
                 click.progressbar(
                     length=bar_length, label="replaying", file=sys.stderr, show_pos=True
                 )
             )
+            stack.callback(self._draw)  # the last count, before the bar closes
 
     def update(self) -> None:
-        done = self.tally.done
+        now = time.monotonic()
+        if now < self.next_line:
+            return
         if self.bar is not None:
+            self.next_line = now + BAR_EVERY
+            self._draw()
+            return
+        self.next_line = now + PROGRESS_EVERY
+        t = self.tally
+        click.echo(
+            f"replay: {t.done} lines done, {t.delivered} delivered, {t.duplicates} duplicates,"
+            f" {t.failed} failed, {t.unreadable_count} unreadable",
+            err=True,
+        )
+
+    def _draw(self) -> None:
+        if self.bar is not None:
+            done = self.tally.done
             self.bar.update(done - self.shown)
             self.shown = done
-        elif time.monotonic() >= self.next_line:
-            self.next_line = time.monotonic() + PROGRESS_EVERY
-            t = self.tally
-            click.echo(
-                f"replay: {done} lines done, {t.delivered} delivered, {t.duplicates} duplicates,"
-                f" {t.failed} failed, {t.unreadable_count} unreadable",
-                err=True,
-            )
 
 
 class Quiet:
