@@ -102,6 +102,20 @@ def test_dead_letter_lines_are_replayed_by_their_body(tmp_path: Path) -> None:
     assert sorted(e.body for e in stored(out)) == sorted(e.body for e in events)
 
 
+def test_dead_letters_of_one_sink_can_be_given_back_to_that_sink_only(tmp_path: Path) -> None:
+    for_redis, for_nats = event("touch"), event("co2")
+    source = write(
+        tmp_path / "dead-letter.jsonl",
+        dead_letter(for_redis, "redis"),
+        dead_letter(for_nats, "nats"),
+    )
+    out = tmp_path / "out.jsonl"
+    result = replay(source, "--dead-letter-sink", "redis", "--json", env=to_file(out))
+    assert result.exit_code == 0, result.output
+    assert as_json(result)["skippedBy"] == {"not a dead letter of that sink": 1}
+    assert [e.body for e in stored(out)] == [for_redis.body]
+
+
 def test_unreadable_lines_are_named_and_the_rest_still_delivered(tmp_path: Path) -> None:
     good = [event("touch"), event("co2"), event("temperature")]
     torn = good[0].record()[:40]

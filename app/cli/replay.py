@@ -107,8 +107,11 @@ class Filter:
     since: datetime | None = None
     until: datetime | None = None
     routes: tuple[Route, ...] = ()
+    dead_letter_sink: str | None = None
 
-    def skips(self, event: ReceivedEvent) -> str | None:
+    def skips(self, event: ReceivedEvent, raw: bytes) -> str | None:
+        if self.dead_letter_sink is not None and noted_sink(raw) != self.dead_letter_sink:
+            return "not a dead letter of that sink"
         if self.types and event.event_type not in self.types:
             return "other type"
         if self.since is not None and event.received_at < self.since:
@@ -118,6 +121,12 @@ class Filter:
         if self.routes and not any(route.takes(event) for route in self.routes):
             return "routed to no sink"
         return None
+
+
+def noted_sink(raw: bytes) -> str | None:
+    """The sink a dead-letter line's note names (None for a line without a note)."""
+    note = json.loads(raw).get("deadLetter")
+    return note.get("sink") if isinstance(note, dict) else None
 
 
 # --- counting and reporting ---------------------------------------------------------------
@@ -350,7 +359,7 @@ class Replay:
             except Unreadable as exc:
                 self.tally.unreadable_line(line.where, str(exc))
             else:
-                skip = self.keep.skips(event)
+                skip = self.keep.skips(event, line.raw)
                 if skip is not None:
                     self.tally.skipped_by[skip] += 1
                 else:
@@ -542,6 +551,12 @@ Exit codes:
     help="Replay only events received before TIME (ISO 8601; UTC if no offset).",
 )
 @click.option(
+    "--dead-letter-sink",
+    metavar="NAME",
+    help="Replay only dead-letter lines whose note names this sink (pair with --sinks NAME "
+    "to give each sink back just what it missed).",
+)
+@click.option(
     "--concurrency",
     type=click.IntRange(min=1, max=1000),
     default=8,
@@ -577,6 +592,7 @@ def replay(
     event_types: frozenset[str],
     since: datetime | None,
     until: datetime | None,
+    dead_letter_sink: str | None,
     concurrency: int,
     retries: int,
     backoff: float,
@@ -613,7 +629,7 @@ def replay(
     files = expand(sources)
     if failed_to is not None and any(f.resolve() == failed_to.resolve() for f in files):
         raise click.UsageError(f"--failed-to {failed_to} is also being read")
-    keep = Filter(event_types, since, until)
+    keep = Filter(event_types, since, until, dead_letter_sink=dead_letter_sink)
     within: AbstractAsyncContextManager[Any] = nullcontext()
     if url is not None:
         target = url
