@@ -25,6 +25,8 @@ DT_OIDC_URL = (
 )
 DT_ISSUER = "https://identity.disruptive-technologies.com/data-connector"
 TWELVE_HOURS = 12 * 3600
+# Beyond the sink deadline: reading the body, verifying and the dedup claim.
+SHUTDOWN_MARGIN = 5.0
 
 VerifyMode = Literal["auto", "secret", "asymmetric", "both", "off"]
 CommaList = Annotated[list[str], NoDecode]
@@ -186,6 +188,12 @@ class Settings(BaseSettings):
     sink_timeout: float = Field(
         5.0, gt=0, le=9, description="Deadline in seconds for all sinks; past it, 503."
     )
+    shutdown_timeout: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds SIGTERM/SIGINT waits for in-flight requests before cancelling "
+        "them; at least DCON_SINK_TIMEOUT. Unset = DCON_SINK_TIMEOUT + 5.",
+    )
     retry_after: int = Field(30, ge=1, description="Retry-After seconds sent with a 503.")
     file_path: Path = Field(Path("data/events.jsonl"), description="JSON Lines file of events.")
     file_fsync: bool = Field(True, description="fsync before answering 200 (group commit).")
@@ -273,6 +281,25 @@ class Settings(BaseSettings):
                 "(or DT_SIGNATURE_SECRET)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _shutdown_outlasts_sinks(self) -> Settings:
+        # A request still storing its event when the wait ends is cancelled without an
+        # answer; waiting at least one sink deadline lets each one end with 200 or 503.
+        if self.shutdown_timeout is not None and self.shutdown_timeout < self.sink_timeout:
+            raise ValueError(
+                f"DCON_SHUTDOWN_TIMEOUT={self.shutdown_timeout:g} is shorter than "
+                f"DCON_SINK_TIMEOUT={self.sink_timeout:g}: requests in flight at shutdown "
+                "would be cut off without an answer"
+            )
+        return self
+
+    @property
+    def graceful_shutdown_seconds(self) -> float:
+        """How long a stopping receiver lets in-flight requests finish."""
+        if self.shutdown_timeout is not None:
+            return self.shutdown_timeout
+        return self.sink_timeout + SHUTDOWN_MARGIN
 
     @model_validator(mode="after")
     def _safe_with_workers(self) -> Settings:

@@ -16,6 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from click.testing import CliRunner
+
+from app.cli import main as cli
+from app.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -160,3 +164,19 @@ def test_asymmetric_rehearsal_with_a_pinned_local_key(tmp_path: Path) -> None:
     assert ready.status_code == 200
     [event] = stored(tmp_path)
     assert event["verification"] == "asymmetric"
+
+
+def test_a_shutdown_timeout_shorter_than_the_sink_deadline_is_refused(tmp_path: Path) -> None:
+    """Requests still storing when the wait ended would be cut off: refused before the port
+    opens. Unset, the wait is the sink deadline plus a margin."""
+    env = {
+        "DCON_TLS": "false",
+        "DCON_FILE_PATH": str(tmp_path / "events.jsonl"),
+        "DCON_SINK_TIMEOUT": "5",
+        "DCON_SHUTDOWN_TIMEOUT": "2",
+    }
+    done = CliRunner().invoke(cli, ["serve"], env=env)
+    assert done.exit_code == 1
+    assert "DCON_SHUTDOWN_TIMEOUT=2 is shorter than DCON_SINK_TIMEOUT=5" in done.output
+    assert Settings(sink_timeout=3).graceful_shutdown_seconds == 8
+    assert Settings(sink_timeout=3, shutdown_timeout=3).graceful_shutdown_seconds == 3

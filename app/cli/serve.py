@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -44,7 +45,16 @@ class WorkerConfig(ServerConfig):
     help="Override DCON_WORKERS: worker processes sharing the port.",
 )
 def serve(config: Path | None, host: str | None, port: int | None, workers: int | None) -> None:
-    """Run the receiver (settings from DCON_* variables and the TOML file)."""
+    """Run the receiver (settings from DCON_* variables and the TOML file).
+
+    SIGTERM or SIGINT stops it gracefully: uvicorn closes the listening socket and idle
+    keep-alive connections, lets each request in flight finish (every one ends with 200
+    or 503 within DCON_SINK_TIMEOUT), and only then runs the app's shutdown, which
+    flushes and closes the sinks. DCON_SHUTDOWN_TIMEOUT bounds that wait; a request
+    still running past it (a client that never sends its body) is cancelled and answered
+    500, which DT retries. A second SIGINT quits at once without closing the sinks. With
+    several workers, the parent passes the signal on and each worker stops the same way.
+    """
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
@@ -93,6 +103,7 @@ def serve(config: Path | None, host: str | None, port: int | None, workers: int 
         proxy_headers=settings.proxy_headers,
         forwarded_allow_ips=settings.forwarded_allow_ips,
         reload_interval=settings.tls_reload_interval,
+        timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_seconds),
         **tls,
     )
     if settings.workers == 1:
