@@ -151,7 +151,7 @@ async def test_torn_last_line_is_moved_out_on_open(
     whole = event(0).record() + b"\n"
     torn = event(1).record()[:40]
     path.write_bytes(whole + torn)
-    with caplog.at_level(logging.WARNING, logger="app.sinks.file"):
+    with caplog.at_level(logging.WARNING, logger="dcon.sinks.file"):
         async with opened(path) as sink:
             assert path.read_bytes() == whole
             await sink.send(event(2))
@@ -201,7 +201,7 @@ async def test_a_tear_by_another_process_gets_the_next_line_started_fresh(
     path = tmp_path / "events.jsonl"
     whole = event(0).record() + b"\n"
     torn = event(1).record()[:40]
-    with caplog.at_level(logging.WARNING, logger="app.sinks.file"):
+    with caplog.at_level(logging.WARNING, logger="dcon.sinks.file"):
         async with opened(path) as sink:
             await sink.send(event(0))
             with path.open("ab") as other:

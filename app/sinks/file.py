@@ -46,7 +46,8 @@ if TYPE_CHECKING:
     from app.received import ReceivedEvent
     from app.settings import Settings
 
-log = logging.getLogger(__name__)
+# Under "dcon", so that its lines take the format and level the receiver configures.
+log = logging.getLogger("dcon.sinks.file")
 
 NAME = "file"
 FILE_MODE = 0o640
