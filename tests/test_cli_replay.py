@@ -213,11 +213,11 @@ def test_failed_events_go_to_the_failed_file_and_a_second_replay_retries_just_th
     assert said["attempts"] == "4"
     assert "No space left on device" in result.stdout
     notes = [json.loads(line)["deadLetter"] for line in failed.read_bytes().splitlines()]
-    assert [n["sink"] for n in notes] == ["sinks file"] * 2
+    assert [n["sink"] for n in notes] == ["file"] * 2
     assert all("No space left on device" in n["reason"] for n in notes)
 
     out = tmp_path / "out.jsonl"
-    again = replay(failed, env=to_file(out))
+    again = replay(failed, "--dead-letter-sink", "file", env=to_file(out))
     assert again.exit_code == 0, again.output
     assert sorted(e.body for e in stored(out)) == sorted(e.body for e in events)
     assert {e.received_at for e in stored(out)} == {AT}
@@ -331,7 +331,9 @@ def test_a_wrong_secret_fails_every_event_and_exits_1(
     assert said["failed"] == "2 (401 x2)"
     assert said["attempts"] == "4"
     assert "invalid_signature" in result.stdout
-    assert len(failed.read_bytes().splitlines()) == 2
+    notes = [json.loads(line)["deadLetter"] for line in failed.read_bytes().splitlines()]
+    assert [n["sink"] for n in notes] == [url, url]
+    assert all(n["reason"].startswith("401 ") for n in notes)
     assert not target_file.exists() or not target_file.read_bytes()
 
 

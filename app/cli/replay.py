@@ -304,20 +304,23 @@ class Quiet:
 class FailedFile:
     """Failed events as dead-letter lines: the record, with a ``deadLetter`` note first.
 
-    Appended to (never truncated), and created only when the first event fails.
+    The note's sink is the URL of --to, or the sinks that failed (as in the spool's dead
+    letters, so that --dead-letter-sink picks them). Appended to (never truncated), and
+    created only when the first event fails.
     """
 
-    def __init__(self, path: Path, target: str) -> None:
+    def __init__(self, path: Path, url: str | None) -> None:
         self.path = path
-        self.target = target
+        self.url = url
         self._file: IO[bytes] | None = None
 
-    def write(self, event: ReceivedEvent, why: str) -> None:
+    def write(self, event: ReceivedEvent, answer: Answer) -> None:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("ab")
         at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-        note = {"sink": self.target, "reason": why, "at": at}
+        sink = self.url or answer.status
+        note = {"sink": sink, "reason": reason(answer), "at": at}
         head = json.dumps({"deadLetter": note}, separators=(",", ":"), ensure_ascii=False)
         # Failures are few; a short local write between events is not worth a thread.
         self._file.write(head[:-1].encode() + b"," + event.record()[1:] + b"\n")
@@ -381,7 +384,7 @@ class Replay:
         answer = await retrying(lambda: attempt(event), self.backoff, in_flight, answered)
         self.tally.answered(line, event, answer)
         if not answer.ok and self.failed_file is not None:
-            self.failed_file.write(event, reason(answer))
+            self.failed_file.write(event, answer)
         self.progress.update()
 
 
@@ -654,7 +657,7 @@ def replay(
         progress = Quiet() if quiet else Progress(tally, stack, bar_length=bar)
         failed_file = None
         if failed_to is not None:
-            failed_file = FailedFile(failed_to, target)
+            failed_file = FailedFile(failed_to, url)
             stack.callback(failed_file.close)
             tally.failed_to = str(failed_to)
         job = Replay(
