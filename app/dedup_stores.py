@@ -3,7 +3,8 @@
 - ``memory``: one process; forgotten on restart.
 - ``sqlite``: every worker of one host (``DCON_DEDUP_PATH``); survives restarts.
 - ``redis``: every replica on every host (``DCON_DEDUP_REDIS_URL``); survives restarts.
-- ``auto``: memory with one worker, sqlite with more.
+- ``auto``: memory with one worker, sqlite with more or in spool mode (there in
+  ``DCON_SPOOL_DIR/dedup.db``, so that the window outlives a restart like the spool).
 
 The worker count is ``DCON_WORKERS`` (which ``dcon-receiver serve --workers`` sets), or
 uvicorn's own ``--workers`` when this process is one of the workers it started.
@@ -40,7 +41,7 @@ def build_dedup(settings: Settings) -> DedupStore:
         from app.dedup_sqlite import SqliteDedup
 
         return SqliteDedup(
-            settings.dedup_path,
+            sqlite_dedup_path(settings),
             window=settings.dedup_window,
             max_entries=settings.dedup_max_entries,
             lease=lease,
@@ -59,6 +60,13 @@ def build_dedup(settings: Settings) -> DedupStore:
         wait=settings.sink_timeout,
         retry_after=settings.retry_after,
     )
+
+
+def sqlite_dedup_path(settings: Settings) -> Path:
+    """``DCON_DEDUP_PATH``; in spool mode with ``auto``, beside the spool it guards."""
+    if settings.spool and settings.dedup_store == "auto":
+        return settings.spool_dir / "dedup.db"
+    return settings.dedup_path
 
 
 async def open_dedup(settings: Settings) -> DedupStore:

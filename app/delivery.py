@@ -7,11 +7,12 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from app.errors import DeliveryFailed
 from app.metrics import Metrics
 from app.received import ReceivedEvent
-from app.sinks.base import Sink
+from app.sinks.base import PermanentSinkError, Sink
 
 log = logging.getLogger("dcon.delivery")
 
@@ -27,6 +28,13 @@ class Route:
         return self.event_types is None or event.event_type in self.event_types
 
 
+class Deliverer(Protocol):
+    """What the receiver hands an accepted event to: ``Delivery`` (straight to the sinks)
+    or ``app.spool.Spool`` (a durable local append, forwarded later)."""
+
+    async def deliver(self, event: ReceivedEvent) -> None: ...
+
+
 class Delivery:
     def __init__(
         self, routes: Sequence[Route], timeout: float, retry_after: int, metrics: Metrics
@@ -36,8 +44,9 @@ class Delivery:
         self.retry_after = retry_after
         self.metrics = metrics
 
-    async def _attempt(self, sink: Sink, event: ReceivedEvent) -> str | None:
-        """Send to one sink under the deadline; the failure reason, or None once stored."""
+    async def _attempt(self, sink: Sink, event: ReceivedEvent) -> str | PermanentSinkError | None:
+        """Send to one sink under the deadline; the failure reason (the error itself when
+        the sink refused the event for good), or None once stored."""
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout):
@@ -51,6 +60,10 @@ class Delivery:
                 raise  # the request itself is being cancelled
             log.error("sink %s failed: its send ended cancelled", sink.name)
             reason = "error"
+        except PermanentSinkError as exc:
+            log.error("sink %s refused event %s for good: %s", sink.name, event.event_id, exc)
+            self.metrics.sink_failures.labels(sink.name, "rejected").inc()
+            return exc
         except Exception as exc:
             log.error("sink %s failed: %s", sink.name, exc)
             reason = "error"
@@ -83,8 +96,14 @@ class Delivery:
             reasons = await asyncio.gather(*(self._attempt(sink, event) for sink in sinks))
         failed = [sink.name for sink, reason in zip(sinks, reasons, strict=True) if reason]
         if failed:
+            rejected = {
+                sink.name: reason.detail
+                for sink, reason in zip(sinks, reasons, strict=True)
+                if isinstance(reason, PermanentSinkError)
+            }
             raise DeliveryFailed(
                 f"not stored by {', '.join(failed)}; DT should retry",
                 tuple(failed),
                 self.retry_after,
+                rejected,
             )

@@ -6,6 +6,8 @@ Domain code raises these; only ``app.ingest`` turns them into HTTP answers, thro
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class ReceiverError(Exception):
     """Base of every error the receiver answers with a JSON body."""
@@ -56,9 +58,24 @@ class DeliveryFailed(RetryLater):
 
     code = "sink_unavailable"
 
-    def __init__(self, detail: str, sinks: tuple[str, ...], retry_after: int) -> None:
+    def __init__(
+        self,
+        detail: str,
+        sinks: tuple[str, ...],
+        retry_after: int,
+        rejected: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(detail, retry_after)
         self.sinks = sinks
+        # Those of ``sinks`` that refused the event for good, with their reason: sending
+        # it again cannot help them (the spool's forwarder dead-letters it).
+        self.rejected = dict(rejected or {})
+
+
+class SpoolFull(RetryLater):
+    """Spool mode: the spool already holds its limit of events not yet forwarded."""
+
+    code = "spool_full"
 
 
 class DedupBusy(RetryLater):

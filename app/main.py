@@ -22,7 +22,7 @@ from starlette.types import Message, Receive, Scope, Send
 from app import __version__
 from app.asymmetric import AsymmetricScheme, DTKeys
 from app.dedup_stores import open_dedup
-from app.delivery import Delivery, Route
+from app.delivery import Deliverer, Delivery, Route
 from app.errors import ConfigError
 from app.ingest import ingest, ingest_asgi, metrics_endpoint
 from app.logs import configure_logging
@@ -31,6 +31,7 @@ from app.receiver import Receiver
 from app.settings import Settings, load_settings
 from app.signature import Scheme, SecretScheme, TokenAge, Verifier
 from app.sinks import Sink, SinkConfigError, SinkError, build_sinks
+from app.spool import Spool
 
 log = logging.getLogger("dcon")
 
@@ -70,14 +71,28 @@ def startup_warnings(settings: Settings) -> list[str]:
     return said
 
 
-async def _connect(sinks: Sequence[Sink]) -> None:
+async def _connect(sinks: Sequence[Sink], *, spool: bool = False) -> list[Sink]:
+    """Connect every sink, or raise ``SinkError`` for the first that cannot.
+
+    In spool mode a sink that cannot connect does not stop the receiver, which only
+    needs its spool to answer DT: it is logged and returned, and the forwarder keeps
+    trying to connect it before delivering to it.
+    """
+    down = []
     for sink in sinks:
         try:
-            await sink.connect()
-        except SinkError:
-            raise
-        except Exception as exc:
-            raise SinkError(sink.name, f"cannot connect: {exc}") from exc
+            try:
+                await sink.connect()
+            except SinkError:
+                raise
+            except Exception as exc:
+                raise SinkError(sink.name, f"cannot connect: {exc}") from exc
+        except SinkError as exc:
+            if not spool:
+                raise
+            log.warning("sink %s: %s; events wait in the spool meanwhile", sink.name, exc.detail)
+            down.append(sink)
+    return down
 
 
 class ReceiverApp(FastAPI):
@@ -138,15 +153,16 @@ def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> Fa
             log.warning("%s", warning)
         if keys is not None:
             await keys.start()
-        await _connect(chosen)
+        down = await _connect(chosen, spool=settings.spool)
         app.state.sinks = chosen
         app.state.keys = keys
-        app.state.receiver = Receiver(
-            verifier,
-            await open_dedup(settings),
-            Delivery(routes, settings.sink_timeout, settings.retry_after, metrics),
-            metrics,
-        )
+        dedup = await open_dedup(settings)
+        delivery = Delivery(routes, settings.sink_timeout, settings.retry_after, metrics)
+        deliverer: Deliverer = delivery
+        if settings.spool:
+            deliverer = app.state.spool = Spool(settings, delivery, unconnected=down)
+            await app.state.spool.open()
+        app.state.receiver = Receiver(verifier, dedup, deliverer, metrics)
         log.info(
             "receiving on POST %s; signatures: %s; sinks: %s",
             settings.path,
@@ -160,6 +176,8 @@ def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> Fa
         try:
             yield
         finally:
+            if app.state.spool is not None:
+                await app.state.spool.close()
             await app.state.receiver.dedup.close()
             for sink in reversed(chosen):
                 await sink.close()
@@ -170,6 +188,7 @@ def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> Fa
     app.ingest_path = settings.path
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.spool = None
     app.add_api_route(
         settings.path,
         ingest,
@@ -197,18 +216,35 @@ def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> Fa
 
 async def healthz(request: Request) -> dict[str, Any]:
     receiver: Receiver = request.app.state.receiver
-    return {"status": "ok", "counts": dict(receiver.counts)}
+    spool: Spool | None = request.app.state.spool
+    body: dict[str, Any] = {"status": "ok", "counts": dict(receiver.counts)}
+    if spool is not None:
+        body["spool"] = spool.status()
+    return body
 
 
 async def readyz(request: Request) -> JSONResponse:
-    """503 naming what is not ready: a sink that fails its ping, or DT's keys not loaded."""
+    """503 naming what is not ready: a sink that fails its ping, or DT's keys not loaded.
+
+    In spool mode a sink that is down does not make the receiver unready (events wait in
+    the spool; it is listed under ``spool.sinksDown``); a spool that is full or cannot be
+    written does.
+    """
     sinks: Sequence[Sink] = request.app.state.sinks
     keys: DTKeys | None = request.app.state.keys
+    spool: Spool | None = request.app.state.spool
     results = await asyncio.gather(*(s.ping() for s in sinks), return_exceptions=True)
     failing = {s.name: str(r) for s, r in zip(sinks, results, strict=True) if r is not None}
+    body: dict[str, Any] = {}
+    if spool is not None:
+        body["spool"] = spool.status() | {"sinksDown": failing}
+        failing = {}
+        problem = await spool.ping()
+        if problem is not None:
+            failing["spool"] = problem
     if keys is not None and not keys.ready:
         failing["dt_keys"] = keys.status().last_error or "DT's signing keys are not loaded"
-    body = {"status": "unready" if failing else "ready", "failing": failing}
+    body = {"status": "unready" if failing else "ready", "failing": failing} | body
     return JSONResponse(body, status_code=503 if failing else 200)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -93,6 +93,31 @@ class Metrics:
             "Time a sink took to confirm an event.",
             ["sink"],
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+        # Spool mode (app.spool). The forwarder's failed attempts are dcon_sink_failures.
+        self.spool_pending_bytes = Gauge(
+            "dcon_spool_pending_bytes",
+            "Bytes in the spool not yet forwarded to every sink.",
+            registry=registry,
+        )
+        self.spool_lag_seconds = Gauge(
+            "dcon_spool_lag_seconds",
+            "Age of the oldest event not yet forwarded (0 when none waits; reported by the "
+            "process that forwards).",
+            registry=registry,
+        )
+        self.spool_forwarded = Counter(
+            "dcon_spool_forwarded",
+            "Events the forwarder took out of the spool: delivered or dead-lettered.",
+            registry=registry,
+        )
+        self.spool_dead_letters = Counter(
+            "dcon_spool_dead_letters",
+            "Events written to the dead-letter file, by the sink that refused them "
+            "(spool: a line that could not be read).",
+            ["sink"],
             registry=registry,
         )
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from app.dedup import DedupStore
-from app.delivery import Delivery
+from app.delivery import Deliverer
 from app.errors import ReceiverError, SignatureError
 from app.events import ParseOutcome, parse_body
 from app.metrics import Metrics
@@ -30,7 +30,7 @@ class Ack:
 
 class Receiver:
     def __init__(
-        self, verifier: Verifier, dedup: DedupStore, delivery: Delivery, metrics: Metrics
+        self, verifier: Verifier, dedup: DedupStore, delivery: Deliverer, metrics: Metrics
     ) -> None:
         self.verifier = verifier
         self.dedup = dedup

@@ -163,10 +163,13 @@ class Settings(BaseSettings):
     dedup_store: Literal["auto", "memory", "sqlite", "redis"] = Field(
         "auto",
         description="Where eventIds are remembered: memory (one process), sqlite (one host, "
-        "survives restarts), redis (all replicas). auto = memory with one worker, else sqlite.",
+        "survives restarts), redis (all replicas). auto = memory with one worker and no "
+        "spool, else sqlite.",
     )
     dedup_path: Path = Field(
-        Path("data/dedup.sqlite3"), description="SQLite file of the sqlite dedup store."
+        Path("data/dedup.sqlite3"),
+        description="SQLite file of the sqlite dedup store (auto in spool mode: "
+        "DCON_SPOOL_DIR/dedup.db).",
     )
     dedup_redis_url: str = Field(
         "redis://127.0.0.1:6379/0", description="Redis server of the redis dedup store."
@@ -201,6 +204,34 @@ class Settings(BaseSettings):
         100 * 1024 * 1024, ge=0, description="Rotate the file past this size; 0 = never."
     )
     queue_maxsize: int = Field(10_000, ge=1, description="Capacity of the in-process queue.")
+
+    # --- spool mode (see the README's "Spool mode") -----------------------------------------
+    spool: bool = Field(
+        False,
+        description="Answer 200 once the event is fsynced in a local spool; a background "
+        "forwarder delivers it to the sinks, retrying until they take it.",
+    )
+    spool_dir: Path = Field(
+        Path("data/spool"),
+        description="Spool files, forwarding position, dead letters and (with "
+        "DCON_DEDUP_STORE=auto) the dedup window.",
+    )
+    spool_max_bytes: int = Field(
+        1024**3,
+        ge=1024,
+        description="Most bytes held in the spool not yet forwarded; past it, 503 spool_full.",
+    )
+    spool_segment_bytes: int = Field(
+        64 * 1024**2,
+        ge=4096,
+        description="Start a new spool file past this size; forwarded files are deleted.",
+    )
+    spool_retry_max: float = Field(
+        60, gt=0, description="Longest wait in seconds between retries of a failing sink."
+    )
+    spool_concurrency: int = Field(
+        64, ge=1, le=1024, description="Events the forwarder delivers at once."
+    )
 
     # --- broker and database sinks (each needs its extra: pip install "dcon-receiver[redis]")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis server for `redis`.")
@@ -319,7 +350,8 @@ class Settings(BaseSettings):
     def dedup_kind(self) -> str:
         """The dedup store in use once ``auto`` is resolved."""
         if self.dedup_store == "auto":
-            return "memory" if self.workers == 1 else "sqlite"
+            # The spool outlives a restart, so its dedup window must too.
+            return "memory" if self.workers == 1 and not self.spool else "sqlite"
         return self.dedup_store
 
     @property

@@ -12,12 +12,20 @@ import importlib
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
-from app.sinks.base import Sink, SinkConfigError, SinkError
+from app.sinks.base import PermanentSinkError, Sink, SinkConfigError, SinkError
 
 if TYPE_CHECKING:
     from app.settings import Settings
 
-__all__ = ["BUILTIN", "Sink", "SinkConfigError", "SinkError", "available", "build_sinks"]
+__all__ = [
+    "BUILTIN",
+    "PermanentSinkError",
+    "Sink",
+    "SinkConfigError",
+    "SinkError",
+    "available",
+    "build_sinks",
+]
 
 ENTRY_POINT_GROUP = "dcon_receiver.sinks"
 

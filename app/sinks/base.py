@@ -23,6 +23,15 @@ class SinkError(Exception):
         self.detail = detail
 
 
+class PermanentSinkError(SinkError):
+    """The sink refused this event for good: sent again, it would be refused again (a value
+    the store cannot hold, a message over the broker's size limit).
+
+    Answering DT directly it is a 503 like any ``SinkError``; the spool's forwarder puts
+    the event in its dead-letter file instead of retrying it for ever.
+    """
+
+
 class SinkConfigError(Exception):
     """A sink's settings are invalid or its optional extra is missing (raised at start-up)."""
 
