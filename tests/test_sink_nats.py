@@ -21,7 +21,7 @@ from app.received import ReceivedEvent
 from app.samples import sample_body
 from app.settings import Settings
 from app.signature import SchemePass, Verification
-from app.sinks.base import SinkConfigError, SinkError
+from app.sinks.base import PermanentSinkError, SinkConfigError, SinkError
 from app.sinks.nats import NatsSink, clean_token, covers, subject_filter
 from tests.sink_contract import SinkContract, event_id, received
 from tests.tcp_proxy import TcpProxy
@@ -237,6 +237,22 @@ async def test_a_repeated_event_id_is_acknowledged_as_duplicate_and_stored_once(
     assert sink.duplicates == 1
     messages = await stored(stream_name(namespace), 1)
     assert [m.headers["Nats-Msg-Id"] for m in messages if m.headers] == [event_id(body)]
+
+
+@pytest.mark.anyio
+async def test_an_event_over_the_server_max_payload_is_refused_for_good(
+    sink: NatsSink, namespace: str
+) -> None:
+    """No retry can shrink it (spool mode dead-letters it); the next event goes through."""
+    nc = await nats.connect(URL)
+    limit = nc.max_payload
+    await nc.close()
+    huge = sample_body("touch").replace(b'"labels":{', b'"labels":{"x":"' + b"a" * limit + b'",')
+    with pytest.raises(PermanentSinkError, match="max_payload"):
+        await sink.send(event(huge))
+    body = sample_body("touch")
+    await sink.send(event(body))
+    assert [m.data for m in await stored(stream_name(namespace), 1)] == [body]
 
 
 @pytest.mark.anyio

@@ -22,7 +22,7 @@ from app.received import ReceivedEvent
 from app.samples import sample_body
 from app.settings import Settings
 from app.signature import SchemePass, Verification
-from app.sinks import SinkConfigError, SinkError, build_sinks
+from app.sinks import PermanentSinkError, SinkConfigError, SinkError, build_sinks
 from app.sinks.postgres import COLUMNS, KEY, PostgresSink, surrogate_id
 from tests.sink_contract import SinkContract, event_id, received
 
@@ -246,6 +246,31 @@ class TestPostgresSink(SinkContract):
             ("fine1", False, fine),
             ("nul1", True, odd),
         ]
+
+    async def test_a_row_the_table_refuses_whatever_is_retried_is_refused_for_good(
+        self, namespace: str, db: Any
+    ) -> None:
+        """A column narrowed by hand refuses a longer device id every time: that send raises
+        PermanentSinkError (spool mode dead-letters it), and the others are stored."""
+        narrowed = ", ".join(
+            f'"{n}" {"varchar(8)" if n == "device_id" else t}' for n, t in (KEY, *COLUMNS)
+        )
+        await db.execute(f'CREATE TABLE "{namespace}" ({narrowed})')
+        sink = PostgresSink(DSN, namespace)
+        await sink.connect()
+        long_id = received(sample_body("touch", device_id="d" * 20))
+        short_id = received(sample_body("touch", device_id="d1"))
+        try:
+            results = await asyncio.gather(
+                sink.send(long_id), sink.send(short_id), return_exceptions=True
+            )
+        finally:
+            await sink.close()
+        assert isinstance(results[0], PermanentSinkError), results
+        assert "PostgreSQL refused" in str(results[0])
+        assert results[1] is None
+        rows = await db.fetch(f'SELECT event_id FROM "{namespace}"')
+        assert [r["event_id"] for r in rows] == [short_id.event_id]
 
     async def test_schema_qualified_mixed_case_name_is_folded_and_quoted(
         self, namespace: str, db: Any

@@ -24,7 +24,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js.api import StorageType, StreamConfig
 
-from app.sinks.base import SinkConfigError, SinkError
+from app.sinks.base import PermanentSinkError, SinkConfigError, SinkError
 from app.sinks.template import Template
 
 if TYPE_CHECKING:
@@ -214,6 +214,10 @@ class NatsSink:
             raise SinkError(NAME, f"no JetStream stream took {subject!r}") from None
         except nats.js.errors.APIError as exc:
             raise SinkError(NAME, f"stream {self.stream} refused {subject!r}: {exc}") from exc
+        except nats.errors.MaxPayloadError as exc:
+            raise PermanentSinkError(
+                NAME, f"{len(event.body)}-byte event is over the server's max_payload"
+            ) from exc
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             raise SinkError(NAME, f"publish to {subject!r} failed: {_describe(exc)}") from exc
         if ack.duplicate:

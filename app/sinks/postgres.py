@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 # asyncpg ships no type hints (no py.typed, no stubs package).
 import asyncpg  # type: ignore[import-untyped]
 
-from app.sinks.base import SinkConfigError, SinkError
+from app.sinks.base import PermanentSinkError, SinkConfigError, SinkError
 
 if TYPE_CHECKING:
     from app.received import ReceivedEvent
@@ -273,7 +273,8 @@ class PostgresSink:
             _settle(batch, "the insert was interrupted")
             raise
         for item, error in zip(batch, errors, strict=True):
-            _settle([item], error)
+            # Refused even with its body left out: it would be refused every time.
+            _settle([item], error, refused=True)
 
     async def _insert(self, rows: list[Row]) -> list[str | None]:
         async def insert(conn: Any) -> list[str | None]:
@@ -396,12 +397,13 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _settle(batch: list[Pending], error: str | None) -> None:
-    """Wake every caller still waiting: success, or its own ``SinkError``."""
+def _settle(batch: list[Pending], error: str | None, *, refused: bool = False) -> None:
+    """Wake every caller still waiting: success, or its own ``SinkError`` (a
+    ``PermanentSinkError`` if PostgreSQL ``refused`` the row itself)."""
     for _, done in batch:
         if done.done():
             continue  # its caller was cancelled
         if error is None:
             done.set_result(None)
         else:
-            done.set_exception(SinkError(NAME, error))
+            done.set_exception((PermanentSinkError if refused else SinkError)(NAME, error))
