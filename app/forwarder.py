@@ -250,8 +250,8 @@ class Forwarder:
         else:
             try:
                 item.event = ReceivedEvent.from_record(line.data)
-            except ValueError as exc:
-                item.problem = f"not an event record: {exc}"
+            except Exception as exc:  # whatever is wrong with the line, it is set aside
+                item.problem = f"not an event record: {exc!r}"
         if item.event is not None:
             item.pending = [i for i, r in enumerate(self.routes) if r.takes(item.event)]
             if not item.pending:

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from redis.asyncio import Redis
 
 from app.received import ReceivedEvent
 from app.samples import sample_body
@@ -24,6 +25,7 @@ from app.sinks import PermanentSinkError, SinkError
 from app.sinks.memory import QueueSink
 from app.spool import Spool
 from tests.conftest import serve_app
+from tests.tcp_proxy import TcpProxy
 from tests.test_metrics import samples
 
 pytestmark = pytest.mark.anyio
@@ -147,7 +149,7 @@ async def test_a_sink_outage_grows_the_backlog_and_it_drains_in_order(tmp_path: 
     """DT keeps getting 200s while the sink is down; once it is back it gets every event
     once, in the order they arrived."""
     sink = SwitchSink(down=True)
-    async with serve_app(settings(tmp_path), [sink]) as (app, client):
+    async with serve_app(settings(tmp_path, spool_concurrency=4), [sink]) as (app, client):
         ids = await post_new(client, 20)
         await until(lambda: spool_of(app).forwarder.failing, "failing")
         assert spool_of(app).pending_bytes > 0
@@ -357,3 +359,50 @@ async def test_only_one_of_two_receivers_sharing_a_spool_forwards(tmp_path: Path
         assert [f.forwarding for f in forwarders] == [True, False]
     assert one.ids() == ids
     assert two.queue.empty()
+
+
+async def test_while_a_backlog_lasts_a_log_line_says_how_it_stands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("app.spool.MEASURE_SECONDS", 0.01)
+    monkeypatch.setattr("app.spool.REPORT_SECONDS", 0)
+    sink = SwitchSink(down=True)
+    with caplog.at_level(logging.INFO, logger="dcon.spool"):
+        async with serve_app(settings(tmp_path), [sink]) as (_, client):
+            await post_new(client, 2)
+            pending = (tmp_path / "spool.jsonl").stat().st_size
+            await until(
+                lambda: any("last error: switch:" in r.getMessage() for r in caplog.records),
+                "reported",
+            )
+    [line, *_] = [r for r in caplog.records if "last error: switch:" in r.getMessage()]
+    assert line.levelno == logging.WARNING
+    assert f"{pending} bytes wait to be forwarded" in line.getMessage()
+
+
+async def test_a_real_broker_down_at_start_gets_the_backlog_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """Redis unreachable when the receiver starts: it starts anyway, answers 200, and
+    forwards everything in order once Redis can be reached."""
+    stream = f"spool-test:{tmp_path.name}"
+    async with TcpProxy("127.0.0.1", 6379) as proxy:
+        await proxy.cut()
+        s = settings(
+            tmp_path,
+            sinks=["redis"],
+            redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+            redis_stream=stream,
+        )
+        async with serve_app(s) as (app, client):
+            ids = await post_new(client, 3)
+            assert (await client.get("/readyz")).status_code == 200
+            await proxy.restore()
+            await until(drained(app), "drained")
+    redis = Redis.from_url("redis://127.0.0.1:6379/0", decode_responses=True)
+    try:
+        stored: Any = await redis.xrange(stream)
+        await redis.delete(stream)
+    finally:
+        await redis.aclose()
+    assert [fields["eventId"] for _, fields in stored] == ids
