@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 run: export DCON_VERIFY_MODE ?= secret
 run: export DCON_SIGNATURE_SECRETS ?= dev-secret
 
-.PHONY: run test lint fmt bench bench-quick bench-profile certs docs tls-check container-check clean
+.PHONY: run test test-faults lint fmt bench bench-quick bench-profile certs docs tls-check container-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ run: $(BIN)/.installed
 certs: $(BIN)/.installed
 	$(BIN)/dcon-receiver certs --dir certs
 
+# Every test, the fault suite of tests/faults included (its reports close the output).
 test: $(BIN)/.installed
 	$(BIN)/pytest --cov --cov-report=term-missing:skip-covered
+
+# The fault suite alone: kill -9, broker outage, full disk and SIGTERM under load.
+test-faults: $(BIN)/.installed
+	$(BIN)/pytest -m faults tests/faults
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

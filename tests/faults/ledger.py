@@ -64,17 +64,19 @@ class Report:
     lost_after_200: int
     requests: int
     answers: dict[str, int]
+    notes: str = ""
 
     def line(self) -> str:
         answers = " ".join(f"{k}={v}" for k, v in sorted(self.answers.items()))
+        notes = f"; {self.notes}" if self.notes else ""
         return (
             f"{self.name}: sent={self.sent} 200={self.answered_200} stored={self.stored} "
             f"dup_stored={self.dup_stored} lost={self.lost} "
-            f"(requests={self.requests}: {answers})"
+            f"(requests={self.requests}: {answers}{notes})"
         )
 
 
-def account(name: str, sender: DTSender, stored: list[str]) -> Report:
+def account(name: str, sender: DTSender, stored: list[str], notes: str = "") -> Report:
     """The figures of one run. The sender retries until 200, so once it is done every
     event sent must be stored: lost counts those that are not, 200 or not."""
     sent = set(sender.deliveries)
@@ -91,4 +93,5 @@ def account(name: str, sender: DTSender, stored: list[str]) -> Report:
         lost_after_200=len(acknowledged - kept),
         requests=len(sender.attempts()),
         answers=dict(sender.answers()),
+        notes=notes,
     )

@@ -84,7 +84,9 @@ class DTSender:
 
     def start(self, bodies: dict[str, bytes]) -> None:
         """Send in a thread of its own, so the test can kill and restart things meanwhile."""
-        self._thread = threading.Thread(target=self._run, args=(bodies,), name="dt-sender")
+        self._thread = threading.Thread(
+            target=self._run, args=(bodies,), name="dt-sender", daemon=True
+        )
         self._thread.start()
 
     def wait_acknowledged(self, count: int, timeout: float = 60) -> None:

@@ -44,7 +44,8 @@ def test_kill_9_under_load_loses_nothing(
     torn = events.with_name("events.jsonl.torn")
     assert b"torn-by-the-crash" in torn.read_bytes()
     assert receiver.logged("ended with a torn line") == 1
-    figures = account("kill -9 under load", sender, stored.ids)
+    notes = "torn tail moved to events.jsonl.torn on restart"
+    figures = account("kill -9 under load", sender, stored.ids, notes)
     report(figures)
     assert figures.answers.get("ConnectionRefusedError", 0) > 0  # it was down while events came
     assert figures.dup_stored <= CONNECTIONS

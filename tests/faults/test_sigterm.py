@@ -65,13 +65,13 @@ def test_sigterm_under_load_answers_every_request_in_flight(
     receiver.stop()
     stored = file_contents(receiver.data)
     assert stored.bad_lines == []
-    figures = account("SIGTERM under load", sender, stored.ids)
-    report(figures)
-    print(
-        f"  {len(in_flight)} requests in flight at SIGTERM, all answered "
-        f"({', '.join(sorted({a.outcome for a in in_flight}))}); "
+    outcomes = ", ".join(sorted({a.outcome for a in in_flight}))
+    notes = (
+        f"{len(in_flight)} requests in flight at SIGTERM, all answered ({outcomes}); "
         f"stopped {stopped - signalled:.1f} s after the signal"
     )
+    figures = account("SIGTERM under load", sender, stored.ids, notes)
+    report(figures)
     assert figures.dup_stored == 0
 
 
