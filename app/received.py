@@ -12,6 +12,10 @@ from typing import Any
 from app.events import ParsedBody, parse_body
 from app.signature import SchemePass, Verification
 
+# json.dumps with non-default arguments builds a new encoder on every call; one built once
+# does the same work for a fraction of the cost (the record is written once per event).
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
 # What ``record()`` writes between the metadata and DT's verbatim body.
 _BODY_KEY = b',"body":'
 # Stands in for the key name, which a record does not keep.
@@ -96,15 +100,13 @@ class ReceivedEvent:
 
     @cached_property
     def _record(self) -> bytes:
-        head = json.dumps(self.meta(), separators=(",", ":"), ensure_ascii=False)
+        head = _ENCODE(self.meta())
         if b"\n" in self.body or b"\r" in self.body:
-            extra = json.dumps(
+            extra = _ENCODE(
                 {
                     "body": json.loads(self.body),
                     "bodyBase64": base64.b64encode(self.body).decode("ascii"),
-                },
-                separators=(",", ":"),
-                ensure_ascii=False,
+                }
             )
             return (head[:-1] + "," + extra[1:]).encode()
         return head[:-1].encode() + b',"body":' + self.body + b"}"

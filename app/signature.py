@@ -10,7 +10,9 @@ exact bytes DT signed.
 
 from __future__ import annotations
 
+import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
@@ -20,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from jwt.algorithms import HMACAlgorithm
-from jwt.utils import base64url_decode, base64url_encode
 
 from app.errors import SignatureError
 
@@ -88,10 +89,14 @@ def header_value(headers: Mapping[str, str], name: str) -> str | None:
 
 
 def _b64(segment: str) -> bytes:
-    decoded = base64url_decode(segment)
-    # Reject non-canonical encodings (stray padding bits), so that no altered token
-    # decodes to the same bytes and still passes.
-    if base64url_encode(decoded).decode("ascii") != segment:
+    """Decode one base64url segment, refusing anything but its one canonical spelling.
+
+    Non-canonical encodings (stray padding bits, padding, characters outside the
+    alphabet) are refused, so that no altered token decodes to the same bytes and still
+    passes: the decoded bytes must encode back to exactly ``segment``.
+    """
+    decoded = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    if base64.urlsafe_b64encode(decoded).rstrip(b"=") != segment.encode("ascii"):
         raise ValueError("non-canonical base64url")
     return decoded
 
@@ -103,6 +108,12 @@ def _b64_json(segment: str) -> dict[str, Any]:
     return decoded
 
 
+# A sender signs every token with the same header, so its segment repeats from request
+# to request: decoding it once per distinct segment saves a base64 and a JSON decode per
+# request. Bounded, so that a flood of made-up headers cannot grow it.
+_header_json = functools.lru_cache(maxsize=64)(_b64_json)
+
+
 def parse_token(token: str, scheme: str) -> Token:
     """Split a compact JWS into header, claims and signature, or raise ``malformed_signature``."""
     parts = token.strip().split(".")
@@ -112,10 +123,11 @@ def parse_token(token: str, scheme: str) -> Token:
         )
     head, payload, sig = parts
     try:
-        header = _b64_json(head)
+        # A copy: the cached dict is shared, and a Token's reader may change its own.
+        header = dict(_header_json(head))
         claims = _b64_json(payload)
         signature = _b64(sig)
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
+    except (ValueError, TypeError, binascii.Error, UnicodeError) as exc:
         raise SignatureError(
             "malformed_signature", f"token is not a valid JWS: {exc}", scheme
         ) from exc
@@ -231,7 +243,10 @@ class SecretScheme:
     def _matching_key(self, token: Token) -> int:
         # Every key is tried even after a match would be possible to short-circuit; the
         # position of the secret must not be learnable from timing.
-        matches = [HS256.verify(token.signing_input, key, token.signature) for key in self._keys]
+        matches = [
+            hmac.compare_digest(hmac.digest(key, token.signing_input, "sha256"), token.signature)
+            for key in self._keys
+        ]
         if True not in matches:
             raise SignatureError(
                 "invalid_signature", "signature matches none of the configured secrets", self.name
