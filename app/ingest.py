@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi import Request
@@ -31,16 +31,21 @@ from app.metrics import CONTENT_TYPE, Metrics
 from app.receiver import Receiver, access_fields
 
 access = logging.getLogger("dcon.access")
+log = logging.getLogger("dcon")
 JSON = b"application/json"
 # Built once: json.dumps with separators builds a new encoder per call.
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 
 
-async def read_body(headers: Mapping[str, str], chunks: AsyncIterator[bytes], limit: int) -> bytes:
-    """The exact bytes DT sent, refusing anything over ``limit`` before buffering it."""
+def _refuse_declared(headers: Mapping[str, str], limit: int) -> None:
     declared = headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"body of {declared} bytes exceeds the {limit}-byte limit")
+
+
+async def read_body(headers: Mapping[str, str], chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """The exact bytes DT sent, refusing anything over ``limit`` before buffering it."""
+    _refuse_declared(headers, limit)
     parts: list[bytes] = []
     size = 0
     async for chunk in chunks:
@@ -66,12 +71,16 @@ def error_answer(exc: ReceiverError) -> tuple[dict[str, Any], dict[str, str]]:
 async def answer(
     state: Any,
     headers: Mapping[str, str],
-    chunks: AsyncIterator[bytes],
+    read: Callable[[int], Awaitable[bytes]],
     client: str | None,
     method: str,
     path: str,
 ) -> tuple[int, bytes, dict[str, str]]:
-    """Status, JSON body and extra headers for one ingest request; counted and logged."""
+    """Status, JSON body and extra headers for one ingest request; counted and logged.
+
+    ``read(limit)`` returns the raw body or raises ``BodyTooLarge`` (each door reads its
+    own way: ``read_body`` or ``read_asgi_body``).
+    """
     started = time.perf_counter()
     receiver: Receiver = state.receiver
     metrics: Metrics = state.metrics
@@ -80,7 +89,7 @@ async def answer(
     extra: dict[str, str] = {}
     fields: dict[str, object]
     try:
-        body = await read_body(headers, chunks, state.settings.max_body_bytes)
+        body = await read(state.settings.max_body_bytes)
         size = len(body)
         ack = await receiver.receive(body, headers)
     except ReceiverError as exc:
@@ -120,7 +129,7 @@ async def ingest(request: Request) -> Response:
         status, body, headers = await answer(
             request.app.state,
             request.headers,
-            request.stream(),
+            lambda limit: read_body(request.headers, request.stream(), limit),
             request.client.host if request.client else None,
             request.method,
             request.url.path,
@@ -130,14 +139,24 @@ async def ingest(request: Request) -> Response:
     return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
-async def _receive_chunks(receive: Receive) -> AsyncIterator[bytes]:
+async def read_asgi_body(headers: Mapping[str, str], receive: Receive, limit: int) -> bytes:
+    """``read_body`` straight from ASGI messages: DT's small bodies come in one message,
+    which is then returned as it is, with no generator or join in between."""
+    _refuse_declared(headers, limit)
+    message = await receive()
+    parts: list[bytes] = []
+    size = 0
     while True:
-        message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnect
-        yield message.get("body", b"")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"body exceeds the {limit}-byte limit")
         if not message.get("more_body", False):
-            return
+            return b"".join([*parts, chunk]) if parts else chunk
+        parts.append(chunk)
+        message = await receive()
 
 
 def header_map(scope: Scope) -> dict[str, str]:
@@ -150,19 +169,27 @@ def header_map(scope: Scope) -> dict[str, str]:
 
 
 async def ingest_asgi(state: Any, scope: Scope, receive: Receive, send: Send) -> None:
-    """The same as ``ingest``, spoken in plain ASGI (the fast path)."""
+    """The same as ``ingest``, spoken in plain ASGI (the fast path).
+
+    An unexpected error is answered 500 in JSON, as FastAPI's error middleware does on the
+    other door: ``answer`` works out the whole answer before anything is sent.
+    """
     client = scope.get("client")
+    request_headers = header_map(scope)
     try:
         status, body, extra = await answer(
             state,
-            header_map(scope),
-            _receive_chunks(receive),
+            request_headers,
+            lambda limit: read_asgi_body(request_headers, receive, limit),
             client[0] if client else None,
             scope["method"],
             scope["path"],
         )
     except ClientDisconnect:
         return
+    except Exception:
+        log.exception("ingest failed")
+        status, body, extra = 500, b'{"error":"internal_error"}', {}
     headers = [
         (b"content-type", JSON),
         (b"content-length", str(len(body)).encode()),

@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from app import __version__
 from app.asymmetric import AsymmetricScheme, DTKeys
@@ -113,25 +113,9 @@ class ReceiverApp(FastAPI):
             and scope["method"] == "POST"
             and hasattr(self.state, "receiver")
         ):
-            await self._fast_ingest(scope, receive, send)
+            await ingest_asgi(self.state, scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
-
-    async def _fast_ingest(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await ingest_asgi(self.state, scope, receive, tracked)
-        except Exception:
-            # What FastAPI's error middleware would do on the normal path.
-            log.exception("ingest failed")
-            if not started:
-                await JSONResponse({"error": "internal_error"}, 500)(scope, receive, send)
 
 
 def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> FastAPI:

@@ -353,3 +353,27 @@ async def test_documented_route_answers_like_the_fast_path() -> None:
                 assert ok.headers["content-type"] == "application/json"
                 assert ok.headers["x-request-id"]
     assert len(drain(sink)) == 2
+
+
+class BrokenDedup:
+    """A dedup store with a bug in it: the receiver must still answer, and in JSON."""
+
+    async def claim(self, event_id: str) -> bool:
+        raise RuntimeError("a bug in the store")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_an_unexpected_error_is_answered_500_in_json_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    body = sample_body("touch")
+    sink = QueueSink()
+    async with serve_app(settings(), [sink]) as (app, client):
+        app.state.receiver.dedup = BrokenDedup()
+        response = await client.post("/events", content=body, headers=signed(body))
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal_error"}
+    assert "a bug in the store" in caplog.text
+    assert drain(sink) == []
