@@ -9,7 +9,8 @@ so the 200 that follows is never early. ``app.forwarder`` delivers from there. P
 
 How many bytes wait is measured from the files every second (other workers append too)
 and kept up to date in between by this process's own appends and forwarding, so the limit
-can be passed by about one second of other workers' traffic.
+can be passed by about one second of other workers' traffic; an append under way may be
+counted twice for a moment, which only refuses early.
 """
 
 from __future__ import annotations

@@ -364,20 +364,25 @@ async def test_only_one_of_two_receivers_sharing_a_spool_forwards(tmp_path: Path
 async def test_while_a_backlog_lasts_a_log_line_says_how_it_stands(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """How many bytes wait, how old the oldest event is, the last error; a warning while
+    a sink fails."""
     monkeypatch.setattr("app.spool.MEASURE_SECONDS", 0.01)
     monkeypatch.setattr("app.spool.REPORT_SECONDS", 0)
     sink = SwitchSink(down=True)
+
+    def reports(pending: int) -> list[logging.LogRecord]:
+        said = f"{pending} bytes wait to be forwarded"
+        return [r for r in caplog.records if said in r.getMessage()]
+
     with caplog.at_level(logging.INFO, logger="dcon.spool"):
         async with serve_app(settings(tmp_path), [sink]) as (_, client):
             await post_new(client, 2)
             pending = (tmp_path / "spool.jsonl").stat().st_size
-            await until(
-                lambda: any("last error: switch:" in r.getMessage() for r in caplog.records),
-                "reported",
-            )
-    [line, *_] = [r for r in caplog.records if "last error: switch:" in r.getMessage()]
+            await until(lambda: bool(reports(pending)), "reported")
+    [line, *_] = reports(pending)
     assert line.levelno == logging.WARNING
-    assert f"{pending} bytes wait to be forwarded" in line.getMessage()
+    assert "the oldest event is" in line.getMessage()
+    assert "last error: switch:" in line.getMessage()
 
 
 async def test_a_real_broker_down_at_start_gets_the_backlog_once_it_is_back(
