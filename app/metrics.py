@@ -9,14 +9,14 @@ from these (see the README's PromQL): success count and error count from
 from __future__ import annotations
 
 import functools
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from app.events import KNOWN_EVENT_TYPES
+from app.tally import CounterChild, TallyCounter, TallyHistogram
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -41,26 +41,27 @@ class Metrics:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
-        self.requests = Counter(
-            "dcon_requests",
+        # Updated on every request: tallies (app.tally), not locked prometheus_client objects.
+        self.requests = TallyCounter(
+            "dcon_requests_total",
             "Ingest requests answered, by HTTP status.",
             ["status"],
             registry=registry,
         )
-        self.request_seconds = Histogram(
+        self.request_seconds = TallyHistogram(
             "dcon_request_duration_seconds",
             "Time to answer an ingest request.",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.body_bytes = Histogram(
+        self.body_bytes = TallyHistogram(
             "dcon_request_body_bytes",
             "Size of ingest request bodies.",
             buckets=SIZE_BUCKETS,
             registry=registry,
         )
-        self.events = Counter(
-            "dcon_events",
+        self.events = TallyCounter(
+            "dcon_events_total",
             "Events accepted, by type, parse outcome and verification.",
             ["event_type", "outcome", "verification"],
             registry=registry,
@@ -76,8 +77,8 @@ class Metrics:
             ["scheme", "reason"],
             registry=registry,
         )
-        self.sink_deliveries = Counter(
-            "dcon_sink_deliveries",
+        self.sink_deliveries = TallyCounter(
+            "dcon_sink_deliveries_total",
             "Events a sink confirmed.",
             ["sink"],
             registry=registry,
@@ -88,7 +89,7 @@ class Metrics:
             ["sink", "reason"],
             registry=registry,
         )
-        self.sink_seconds = Histogram(
+        self.sink_seconds = TallyHistogram(
             "dcon_sink_duration_seconds",
             "Time a sink took to confirm an event.",
             ["sink"],
@@ -132,11 +133,11 @@ class Metrics:
     # labels() looks the child up (and locks) on every call; these few combinations are
     # bound once. The label values are bounded (statuses, DT's types), so the caches are.
     @functools.cache  # noqa: B019 - one Metrics per app, living as long as the app
-    def _requests(self, status: int) -> Any:
+    def _requests(self, status: int) -> CounterChild:
         return self.requests.labels(str(status))
 
     @functools.cache  # noqa: B019 - as above
-    def _events(self, event_type: str, outcome: str, verification: str) -> Any:
+    def _events(self, event_type: str, outcome: str, verification: str) -> CounterChild:
         return self.events.labels(event_type, outcome, verification)
 
     def exposition(self) -> bytes:
