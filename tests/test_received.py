@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,7 @@ BOTH = Verification((SchemePass("asymmetric", "kid-1"), SchemePass("secret", "se
 
 
 @pytest.mark.parametrize("path", payload_files(), ids=lambda p: p.stem)
-def test_every_payload_round_trips_byte_for_byte(path):
+def test_every_payload_round_trips_byte_for_byte(path: Path) -> None:
     body = path.read_bytes().strip()
     event = ReceivedEvent(body, parse_body(body), BOTH, AT)
     back = ReceivedEvent.from_record(event.record() + b"\n")
@@ -31,7 +32,7 @@ def test_every_payload_round_trips_byte_for_byte(path):
     assert back.record() == event.record()
 
 
-def test_a_body_with_line_breaks_comes_back_exact():
+def test_a_body_with_line_breaks_comes_back_exact() -> None:
     body = b'{\n  "event": {"eventId": "c0000000000000000001", "eventType": "touch"},\r\n "x": 1}'
     event = ReceivedEvent(body, parse_body(body), UNVERIFIED, AT)
     assert b"\n" not in event.record()
@@ -40,7 +41,7 @@ def test_a_body_with_line_breaks_comes_back_exact():
     assert not back.verified
 
 
-def test_a_body_that_quotes_the_splice_marker_is_not_cut_there():
+def test_a_body_that_quotes_the_splice_marker_is_not_cut_there() -> None:
     doc = {"event": {"eventId": 'a,"body":b', "eventType": "made-up"}, "labels": {}}
     body = json.dumps(doc, separators=(",", ":")).encode()
     event = ReceivedEvent(body, parse_body(body), UNVERIFIED, AT)
@@ -49,7 +50,7 @@ def test_a_body_that_quotes_the_splice_marker_is_not_cut_there():
 
 
 @pytest.mark.parametrize("line", [b"[]", b'{"eventId": "x"}', b"not json", b'{"body": {}}'])
-def test_a_line_that_is_not_a_record_is_refused(line):
+def test_a_line_that_is_not_a_record_is_refused(line: bytes) -> None:
     # JSONDecodeError is a ValueError too: one exception type for every bad line.
     with pytest.raises(ValueError, match=r"record|Expecting value"):
         ReceivedEvent.from_record(line)
