@@ -82,11 +82,20 @@ class MemoryDedup:
 
     async def commit(self, event_id: str) -> None:
         """Every sink took the event: remember it and wake any waiting duplicate."""
-        now = self._second()
-        if len(self._current) >= self._generation or self._window_passed(now):
-            self._previous, self._current = self._current, {}
-        self._current[self._key(event_id)] = now
+        self._insert(self._key(event_id), self._second())
         self._settle(event_id, delivered=True)
+
+    def remember(self, event_id: str, age: float) -> None:
+        """Take an id delivered ``age`` seconds ago (a warm start after a restart).
+
+        Ids must come oldest first, as they were delivered: the generations rely on it.
+        """
+        self._insert(self._key(event_id), float(int(self._clock() - age)))
+
+    def _insert(self, key: str | int, stamp: float) -> None:
+        if len(self._current) >= self._generation or self._window_passed(stamp):
+            self._previous, self._current = self._current, {}
+        self._current[key] = stamp
 
     async def release(self, event_id: str) -> None:
         """Delivery failed: forget the claim so the next attempt delivers."""

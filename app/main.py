@@ -21,7 +21,9 @@ from starlette.types import Receive, Scope, Send
 
 from app import __version__
 from app.asymmetric import AsymmetricScheme, DTKeys
+from app.dedup import MemoryDedup
 from app.dedup_stores import open_dedup
+from app.dedup_warm import warm
 from app.delivery import Deliverer, Delivery, Route
 from app.errors import ConfigError
 from app.ingest import ingest, ingest_asgi, metrics_endpoint
@@ -31,6 +33,7 @@ from app.receiver import Receiver
 from app.settings import Settings, load_settings
 from app.signature import Scheme, SecretScheme, TokenAge, Verifier
 from app.sinks import Sink, SinkConfigError, SinkError, build_sinks
+from app.sinks.file import FileSink
 from app.spool import Spool
 
 log = logging.getLogger("dcon")
@@ -141,6 +144,10 @@ def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> Fa
         app.state.sinks = chosen
         app.state.keys = keys
         dedup = await open_dedup(settings)
+        if isinstance(dedup, MemoryDedup):
+            for sink in chosen:
+                if isinstance(sink, FileSink):
+                    warm(dedup, sink.path, settings.dedup_warm_bytes)
         delivery = Delivery(routes, settings.sink_timeout, settings.retry_after, metrics)
         deliverer: Deliverer = delivery
         if settings.spool:

@@ -166,6 +166,13 @@ class Settings(BaseSettings):
         "survives restarts), redis (all replicas). auto = memory with one worker and no "
         "spool, else sqlite.",
     )
+    dedup_warm_bytes: int = Field(
+        16 * 2**20,
+        ge=0,
+        description="With the memory store and the file sink: at start-up, remember the "
+        "eventIds in the newest this-many bytes of the sink's files, so that events stored "
+        "just before a crash or restart are known when DT sends them again (0: off).",
+    )
     dedup_path: Path = Field(
         Path("data/dedup.sqlite3"),
         description="SQLite file of the sqlite dedup store (auto in spool mode: "
