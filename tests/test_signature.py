@@ -203,3 +203,37 @@ def test_verifier_requires_every_scheme_and_reports_unverified_when_none() -> No
     real = REAL[0]
     on = Verifier([scheme_at(real["jwt_claims"]["iat"])])
     assert on.verify(real["body"].encode(), real["headers"]).label == "secret"
+
+
+def _signed_token(body: bytes) -> str:
+    claims = {"checksum_sha256": hashlib.sha256(body).hexdigest(), "iat": 1000, "exp": 4600}
+    return forge({"alg": "HS256", "typ": "JWT"}, claims, b"test-secret", hashlib.sha256)
+
+
+def test_correct_signature_in_a_non_canonical_spelling_is_refused() -> None:
+    """The same signature bytes spelled with padding, or with stray bits in its last
+    character, must not pass: only the one canonical base64url spelling does."""
+    body = b'{"event":{}}'
+    token = _signed_token(body)
+    head, payload, sig = token.split(".")
+    assert scheme_at(1000).verify(body, {"X-Dt-Signature": token}).key == "secret #1"
+    # 32 bytes take 43 characters whose last carries 2 unused bits; "=" pads it to 44.
+    last = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".index(sig[-1])
+    stray = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[last | 1]
+    assert stray != sig[-1]
+    for spelling in (sig + "=", sig[:-1] + stray):
+        assert base64.urlsafe_b64decode(spelling + "=" * (-len(spelling) % 4)) == (
+            base64.urlsafe_b64decode(sig + "=")
+        )
+        forged = f"{head}.{payload}.{spelling}"
+        assert reason(scheme_at(1000), body, {"X-Dt-Signature": forged}) == ("malformed_signature")
+
+
+def test_token_around_whitespace_and_non_ascii_are_judged_the_same_way() -> None:
+    body = b'{"event":{}}'
+    token = _signed_token(body)
+    assert scheme_at(1000).verify(body, {"X-Dt-Signature": f"  {token}\t"}).scheme == "secret"
+    assert reason(scheme_at(1000), body, {"X-Dt-Signature": token + "é"}) == ("malformed_signature")
+    assert reason(scheme_at(1000), body, {"X-Dt-Signature": token + ".x"}) == (
+        "malformed_signature"
+    )
