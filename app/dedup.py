@@ -59,8 +59,10 @@ class MemoryDedup:
         self._generation = max(1, max_entries // 2)
         self._current: dict[str | int, float] = {}
         self._previous: dict[str | int, float] = {}
-        self._in_flight: dict[str, asyncio.Future[bool]] = {}
+        # Ids being delivered; the future only once a duplicate waits for the outcome.
+        self._in_flight: dict[str, asyncio.Future[bool] | None] = {}
         self._stamp = -1.0
+        self._checked = -1.0  # the stamp at which _window_passed last answered
 
     def __len__(self) -> int:
         return len(self._current) + len(self._previous)
@@ -70,14 +72,17 @@ class MemoryDedup:
 
     async def claim(self, event_id: str) -> bool:
         """True if the caller must deliver ``event_id``; False if it was already delivered."""
+        key = self._key(event_id)
         while True:
-            if self._seen(event_id):
+            if self._seen(key):
                 return False
-            pending = self._in_flight.get(event_id)
-            if pending is None:
-                self._in_flight[event_id] = asyncio.get_running_loop().create_future()
+            if event_id not in self._in_flight:
+                self._in_flight[event_id] = None
                 return True
             # Another request is delivering this id right now; its outcome decides.
+            pending = self._in_flight[event_id]
+            if pending is None:
+                pending = self._in_flight[event_id] = asyncio.get_running_loop().create_future()
             await asyncio.shield(pending)
 
     async def commit(self, event_id: str) -> None:
@@ -93,8 +98,13 @@ class MemoryDedup:
         self._insert(self._key(event_id), float(int(self._clock() - age)))
 
     def _insert(self, key: str | int, stamp: float) -> None:
-        if len(self._current) >= self._generation or self._window_passed(stamp):
+        # Stamps are whole seconds and the answer of _window_passed changes only with
+        # them, so it is asked once per stamp rather than once per event.
+        if len(self._current) >= self._generation or (
+            stamp != self._checked and self._window_passed(stamp)
+        ):
             self._previous, self._current = self._current, {}
+        self._checked = stamp
         self._current[key] = stamp
 
     async def release(self, event_id: str) -> None:
@@ -120,8 +130,7 @@ class MemoryDedup:
             return False
         return now - self._current[next(iter(self._current))] > self.window
 
-    def _seen(self, event_id: str) -> bool:
-        key = self._key(event_id)
+    def _seen(self, key: str | int) -> bool:
         stamp = self._current.get(key)
         if stamp is None:
             stamp = self._previous.get(key)

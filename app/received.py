@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
@@ -13,8 +14,10 @@ from app.events import ParsedBody, parse_body
 from app.signature import SchemePass, Verification
 
 # json.dumps with non-default arguments builds a new encoder on every call; one built once
-# does the same work for a fraction of the cost (the record is written once per event).
+# does the same work for a fraction of the cost.
 _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# What that encoder does to one string (the C function where CPython has it).
+_STRING: Callable[[str], str] = json.encoder.encode_basestring
 
 # What ``record()`` writes between the metadata and DT's verbatim body.
 _BODY_KEY = b',"body":'
@@ -86,6 +89,23 @@ class ReceivedEvent:
             meta["error"] = self.parsed.error
         return meta
 
+    def _head(self) -> str:
+        """``meta()`` as compact JSON, written out directly: the same text (a test holds
+        them equal) in a third of the time of building and encoding the dict, on a path
+        every event takes."""
+        parsed = self.parsed
+        head = (
+            f'{{"eventId":{_text(parsed.event_id)},"eventType":{_text(parsed.event_type)},'
+            f'"projectId":{_text(parsed.project_id)},"deviceId":{_text(parsed.device_id)},'
+            f'"receivedAt":{_STRING(self.received_at.isoformat().replace("+00:00", "Z"))},'
+            f'"verified":{"true" if self.verified else "false"},'
+            f'"verification":{_STRING(self.verification.label)},'
+            f'"outcome":{_STRING(parsed.outcome.value)}'
+        )
+        if parsed.error is not None:
+            head += f',"error":{_STRING(parsed.error)}'
+        return head + "}"
+
     def record(self) -> bytes:
         """One JSON object on one line (no trailing newline) carrying DT's body unchanged.
 
@@ -100,7 +120,7 @@ class ReceivedEvent:
 
     @cached_property
     def _record(self) -> bytes:
-        head = _ENCODE(self.meta())
+        head = self._head()
         if b"\n" in self.body or b"\r" in self.body:
             extra = _ENCODE(
                 {
@@ -110,3 +130,7 @@ class ReceivedEvent:
             )
             return (head[:-1] + "," + extra[1:]).encode()
         return head[:-1].encode() + b',"body":' + self.body + b"}"
+
+
+def _text(value: str | None) -> str:
+    return "null" if value is None else _STRING(value)

@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from jwt.algorithms import HMACAlgorithm
@@ -45,15 +45,17 @@ class Verification:
     """What the verifier concluded about one request."""
 
     passes: tuple[SchemePass, ...]
+    # ``secret`` / ``asymmetric`` / ``asymmetric+secret`` or ``unverified``: worked out
+    # once, since every stored event and its metrics read it.
+    label: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        label = "+".join([p.scheme for p in self.passes]) or "unverified"
+        object.__setattr__(self, "label", label)  # frozen: set once, here
 
     @property
     def verified(self) -> bool:
         return bool(self.passes)
-
-    @property
-    def label(self) -> str:
-        """``secret`` / ``asymmetric`` / ``asymmetric+secret`` or ``unverified``."""
-        return "+".join(p.scheme for p in self.passes) or "unverified"
 
 
 UNVERIFIED = Verification(passes=())

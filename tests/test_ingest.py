@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from app.events import ParseOutcome
+from app.events import ParseOutcome, parse_body
+from app.ingest import _ENCODE, _accepted_answer
 from app.received import ReceivedEvent
+from app.receiver import Ack
 from app.samples import sample_body
 from app.settings import Settings
+from app.signature import UNVERIFIED
 from app.signing import sign_secret
 from app.sinks.memory import QueueSink
 from tests.conftest import payload_files, serve_app, signed_requests
@@ -377,3 +381,12 @@ async def test_an_unexpected_error_is_answered_500_in_json_and_logged(
     assert response.json() == {"error": "internal_error"}
     assert "a bug in the store" in caplog.text
     assert drain(sink) == []
+
+
+@pytest.mark.parametrize("event_id", ["c0000000000000000001", 'q"u\\ote', "ünï ✓ 😀", None])
+def test_the_accepted_answer_is_what_the_json_encoder_writes(event_id: str | None) -> None:
+    body = json.dumps({"event": {"eventId": event_id, "eventType": "touch"}}).encode()
+    event = ReceivedEvent(body, parse_body(body), UNVERIFIED, datetime.now(UTC))
+    for status in ("accepted", "duplicate"):
+        expected = _ENCODE({"status": status, "eventId": event_id}).encode()
+        assert _accepted_answer(Ack(status, event)) == expected

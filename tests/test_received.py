@@ -54,3 +54,24 @@ def test_a_line_that_is_not_a_record_is_refused(line: bytes) -> None:
     # JSONDecodeError is a ValueError too: one exception type for every bad line.
     with pytest.raises(ValueError, match=r"record|Expecting value"):
         ReceivedEvent.from_record(line)
+
+
+ODD_TEXT = ['quote " and \\ backslash', "line\nbreak\ttab\x01", "ünïcødé ✓ 😀", "\u2028", ""]
+
+
+@pytest.mark.parametrize("text", ODD_TEXT)
+def test_the_record_head_is_exactly_meta_as_json(text: str) -> None:
+    """record() writes its metadata without building meta(); the two must never differ."""
+    doc = {
+        "event": {
+            "eventId": text,
+            "eventType": text or "touch",
+            "targetName": f"projects/{text}/devices/{text}",
+        }
+    }
+    for body in [json.dumps(doc).encode(), *(p.read_bytes().strip() for p in payload_files())]:
+        for verification in (UNVERIFIED, BOTH):
+            event = ReceivedEvent(body, parse_body(body), verification, AT)
+            head = event.record().split(b',"body":', 1)[0] + b"}"
+            meta = json.dumps(event.meta(), separators=(",", ":"), ensure_ascii=False)
+            assert head.decode() == meta
