@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from app.errors import DeliveryFailed
 from app.metrics import Metrics
@@ -28,6 +29,70 @@ class Route:
         return self.event_types is None or event.event_type in self.event_types
 
 
+class Deadlines:
+    """Deadlines ``seconds`` away for many concurrent awaits, each due at most ``slot`` late.
+
+    ``asyncio.timeout`` costs a timeout object entered and left, and a loop timer, per
+    await: about 7% of the receiver's throughput at one per event. Here the awaits whose
+    deadlines fall in the same ``slot`` share one timer, which cancels each task still
+    waiting; ``Watch.overdue`` then tells that cancellation from any other, with the same
+    ``uncancel`` bookkeeping as ``asyncio.timeout``.
+    """
+
+    def __init__(self, seconds: float, slot: float = 0.05) -> None:
+        self.seconds = seconds
+        self.slot = slot
+        self._due: dict[int, set[Watch]] = {}
+
+    def watch(self) -> Watch:
+        """Start the deadline of the current task's next await; ``end`` it in a finally."""
+        loop = asyncio.get_running_loop()
+        slot = math.ceil((loop.time() + self.seconds) / self.slot)
+        due = self._due.get(slot)
+        if due is None:
+            due = self._due[slot] = set()
+            loop.call_at(slot * self.slot, self._fire, slot)
+        watch = Watch(asyncio.current_task(), due)
+        due.add(watch)
+        return watch
+
+    def _fire(self, slot: int) -> None:
+        for watch in self._due.pop(slot, ()):
+            watch.fired = True
+            watch.task.cancel()
+
+
+class Watch:
+    """One await under a ``Deadlines`` deadline."""
+
+    __slots__ = ("_due", "_settled", "cancelling", "fired", "task")
+
+    def __init__(self, task: asyncio.Task[Any] | None, due: set[Watch]) -> None:
+        if task is None:
+            raise RuntimeError("a deadline needs a task")
+        self.task = task
+        self.cancelling = task.cancelling()
+        self.fired = False
+        self._settled = False
+        self._due = due
+
+    def overdue(self) -> bool:
+        """On ``CancelledError``: True if it came from the deadline alone (then it is
+        taken back, and the await has timed out), False if the task is being cancelled."""
+        if not self.fired or self._settled:
+            return False
+        self._settled = True
+        return self.task.uncancel() <= self.cancelling
+
+    def end(self) -> None:
+        """The await is over: drop it from its slot, and take back a cancellation the
+        deadline made but the await never saw as one (it ended some other way)."""
+        self._due.discard(self)
+        if self.fired and not self._settled:
+            self._settled = True
+            self.task.uncancel()
+
+
 class Deliverer(Protocol):
     """What the receiver hands an accepted event to: ``Delivery`` (straight to the sinks)
     or ``app.spool.Spool`` (a durable local append, forwarded later)."""
@@ -41,6 +106,7 @@ class Delivery:
     ) -> None:
         self.routes = tuple(routes)
         self.timeout = timeout
+        self._deadlines = Deadlines(timeout)
         self.retry_after = retry_after
         self.metrics = metrics
 
@@ -48,18 +114,18 @@ class Delivery:
         """Send to one sink under the deadline; the failure reason (the error itself when
         the sink refused the event for good), or None once stored."""
         started = time.perf_counter()
+        watch = self._deadlines.watch()
         try:
-            async with asyncio.timeout(self.timeout):
-                await sink.send(event)
-        except TimeoutError:
-            log.error("sink %s missed the %.1f s deadline", sink.name, self.timeout)
-            reason = "timeout"
+            await sink.send(event)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if watch.overdue():
+                log.error("sink %s missed the %.1f s deadline", sink.name, self.timeout)
+                reason = "timeout"
+            elif watch.task.cancelling():
                 raise  # the request itself is being cancelled
-            log.error("sink %s failed: its send ended cancelled", sink.name)
-            reason = "error"
+            else:
+                log.error("sink %s failed: its send ended cancelled", sink.name)
+                reason = "error"
         except PermanentSinkError as exc:
             log.error("sink %s refused event %s for good: %s", sink.name, event.event_id, exc)
             self.metrics.sink_failures.labels(sink.name, "rejected").inc()
@@ -71,6 +137,8 @@ class Delivery:
             self.metrics.sink_seconds.labels(sink.name).observe(time.perf_counter() - started)
             self.metrics.sink_deliveries.labels(sink.name).inc()
             return None
+        finally:
+            watch.end()
         self.metrics.sink_failures.labels(sink.name, reason).inc()
         return reason
 
