@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -69,8 +70,18 @@ def error_answer(exc: ReceiverError) -> tuple[dict[str, Any], dict[str, str]]:
     return content, headers
 
 
+@dataclass(frozen=True, slots=True)
+class IngestContext:
+    """What answering an ingest request needs, set up by the app's lifespan. Plain slots
+    rather than Starlette's ``State``, whose every attribute read is a Python call."""
+
+    receiver: Receiver
+    metrics: Metrics
+    max_body_bytes: int
+
+
 async def answer(
-    state: Any,
+    context: IngestContext,
     headers: Mapping[str, str],
     read: Callable[[int], Awaitable[bytes]],
     client: str | None,
@@ -83,16 +94,14 @@ async def answer(
     own way: ``read_body`` or ``read_asgi_body``).
     """
     started = time.perf_counter()
-    receiver: Receiver = state.receiver
-    metrics: Metrics = state.metrics
     request_id = headers.get("x-request-id") or os.urandom(8).hex()
     size = 0
     extra: dict[str, str] = {}
     fields: dict[str, object]
     try:
-        body = await read(state.settings.max_body_bytes)
+        body = await read(context.max_body_bytes)
         size = len(body)
-        ack = await receiver.receive(body, headers)
+        ack = await context.receiver.receive(body, headers)
     except ReceiverError as exc:
         status = exc.status
         content, extra = error_answer(exc)
@@ -103,7 +112,7 @@ async def answer(
         answer_body = _accepted_answer(ack)
         fields = {}
     elapsed = time.perf_counter() - started
-    metrics.observe_request(status, elapsed, size)
+    context.metrics.observe_request(status, elapsed, size)
     extra["X-Request-Id"] = request_id
     if access.isEnabledFor(logging.INFO):
         if status == 200:
@@ -137,7 +146,7 @@ async def ingest(request: Request) -> Response:
     """Receive one DT Data Connector event (any Content-Type; the body is read raw)."""
     try:
         status, body, headers = await answer(
-            request.app.state,
+            request.app.state.ingest,
             request.headers,
             lambda limit: read_body(request.headers, request.stream(), limit),
             request.client.host if request.client else None,
@@ -178,7 +187,7 @@ def header_map(scope: Scope) -> dict[str, str]:
     }
 
 
-async def ingest_asgi(state: Any, scope: Scope, receive: Receive, send: Send) -> None:
+async def ingest_asgi(context: IngestContext, scope: Scope, receive: Receive, send: Send) -> None:
     """The same as ``ingest``, spoken in plain ASGI (the fast path).
 
     An unexpected error is answered 500 in JSON, as FastAPI's error middleware does on the
@@ -188,7 +197,7 @@ async def ingest_asgi(state: Any, scope: Scope, receive: Receive, send: Send) ->
     request_headers = header_map(scope)
     try:
         status, body, extra = await answer(
-            state,
+            context,
             request_headers,
             lambda limit: read_asgi_body(request_headers, receive, limit),
             client[0] if client else None,
@@ -200,11 +209,9 @@ async def ingest_asgi(state: Any, scope: Scope, receive: Receive, send: Send) ->
     except Exception:
         log.exception("ingest failed")
         status, body, extra = 500, b'{"error":"internal_error"}', {}
-    headers = [
-        (b"content-type", JSON),
-        (b"content-length", str(len(body)).encode()),
-        *((k.lower().encode(), v.encode()) for k, v in extra.items()),
-    ]
+    headers = [(b"content-type", JSON), (b"content-length", str(len(body)).encode())]
+    for name, value in extra.items():
+        headers.append((name.lower().encode(), value.encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -26,7 +26,7 @@ from app.dedup_stores import open_dedup
 from app.dedup_warm import warm
 from app.delivery import Deliverer, Delivery, Route
 from app.errors import ConfigError
-from app.ingest import ingest, ingest_asgi, metrics_endpoint
+from app.ingest import IngestContext, ingest, ingest_asgi, metrics_endpoint
 from app.logs import configure_logging
 from app.metrics import Metrics
 from app.receiver import Receiver
@@ -109,15 +109,18 @@ class ReceiverApp(FastAPI):
     """
 
     ingest_path = "/events"
+    # Set once the lifespan has the receiver up; None before start-up.
+    ingest_context: IngestContext | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        context = self.ingest_context
         if (
-            scope["type"] == "http"
+            context is not None
+            and scope["type"] == "http"
             and scope["path"] == self.ingest_path
             and scope["method"] == "POST"
-            and hasattr(self.state, "receiver")
         ):
-            await ingest_asgi(self.state, scope, receive, send)
+            await ingest_asgi(context, scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
 
@@ -154,7 +157,11 @@ def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> Fa
         if settings.spool:
             deliverer = app.state.spool = Spool(settings, delivery, unconnected=down)
             await app.state.spool.open()
-        app.state.receiver = Receiver(verifier, dedup, deliverer, metrics)
+        receiver = app.state.receiver = Receiver(verifier, dedup, deliverer, metrics)
+        context = IngestContext(receiver, metrics, settings.max_body_bytes)
+        app.state.ingest = context
+        if isinstance(app, ReceiverApp):
+            app.ingest_context = context
         log.info(
             "receiving on POST %s; signatures: %s; sinks: %s",
             settings.path,
