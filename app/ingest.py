@@ -8,6 +8,7 @@ and dependency machinery (see ``app.main``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -30,6 +31,16 @@ from app.errors import (
 )
 from app.metrics import CONTENT_TYPE, Metrics
 from app.receiver import Ack, Receiver, access_fields
+
+# Request ids made here: a random prefix per process and a counter, unique without a
+# getrandom syscall per request (which profiles showed at 5% of the request's time).
+_REQUEST_PREFIX = os.urandom(4).hex()
+_REQUEST_NUMBERS = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    return f"{_REQUEST_PREFIX}{next(_REQUEST_NUMBERS):08x}"
+
 
 access = logging.getLogger("dcon.access")
 log = logging.getLogger("dcon")
@@ -94,7 +105,7 @@ async def answer(
     own way: ``read_body`` or ``read_asgi_body``).
     """
     started = time.perf_counter()
-    request_id = headers.get("x-request-id") or os.urandom(8).hex()
+    request_id = headers.get("x-request-id") or _new_request_id()
     size = 0
     extra: dict[str, str] = {}
     fields: dict[str, object]

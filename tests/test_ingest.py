@@ -355,7 +355,9 @@ async def test_documented_route_answers_like_the_fast_path() -> None:
                 assert (bad.status_code, bad.json()["error"]) == (401, "invalid_signature")
                 assert big.status_code == 413
                 assert ok.headers["content-type"] == "application/json"
-                assert ok.headers["x-request-id"]
+                ids = {r.headers["x-request-id"] for r in (ok, dup, bad, big)}
+                assert len(ids) == 4  # one of its own for each request
+                assert all(len(request_id) == 16 for request_id in ids)
     assert len(drain(sink)) == 2
 
 
