@@ -107,6 +107,12 @@ class Delivery:
         self.routes = tuple(routes)
         self.timeout = timeout
         self._deadlines = Deadlines(timeout)
+        # No route filters by type (the usual case): every event goes to every sink.
+        self._every_sink = (
+            [route.sink for route in self.routes]
+            if all(route.event_types is None for route in self.routes)
+            else None
+        )
         self.retry_after = retry_after
         self.metrics = metrics
 
@@ -149,7 +155,10 @@ class Delivery:
         others succeeded: the receiver then answers 503 and DT sends the event again, so
         a sink may see it twice but never zero times.
         """
-        sinks = [route.sink for route in self.routes if route.takes(event)]
+        if self._every_sink is not None:
+            sinks = self._every_sink
+        else:
+            sinks = [route.sink for route in self.routes if route.takes(event)]
         if not sinks:
             log.warning(
                 "event %s of type %r matches no sink route; acknowledged without storing",
@@ -159,7 +168,10 @@ class Delivery:
             return
         if len(sinks) == 1:
             # The common case needs no task of its own.
-            reasons = [await self._attempt(sinks[0], event)]
+            reason = await self._attempt(sinks[0], event)
+            if reason is None:
+                return
+            reasons: Sequence[str | PermanentSinkError | None] = [reason]
         else:
             reasons = await asyncio.gather(*(self._attempt(sink, event) for sink in sinks))
         failed = [sink.name for sink, reason in zip(sinks, reasons, strict=True) if reason]

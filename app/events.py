@@ -12,10 +12,9 @@ by default, for dumping it. Keys we do not model are kept (``model_extra``), nev
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from enum import StrEnum
 from operator import attrgetter
-from typing import Annotated, Any, Final, Literal, get_args
+from typing import Annotated, Any, Final, Literal, NamedTuple, get_args
 
 from pydantic import (
     AwareDatetime,
@@ -632,9 +631,12 @@ class ParseOutcome(StrEnum):
     INVALID = "invalid"  # JSON that does not fit the models: kept, flagged, counted
 
 
-@dataclass(frozen=True, slots=True)
-class ParsedBody:
-    """What ``parse_body`` learnt from a body; ``envelope`` is None unless it validated."""
+class ParsedBody(NamedTuple):
+    """What ``parse_body`` learnt from a body; ``envelope`` is None unless it validated.
+
+    A named tuple: as immutable as a frozen dataclass, at a third of its cost to build,
+    and one is built for every request.
+    """
 
     outcome: ParseOutcome
     event_id: str | None
