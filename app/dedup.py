@@ -59,8 +59,9 @@ class MemoryDedup:
         self._generation = max(1, max_entries // 2)
         self._current: dict[str | int, float] = {}
         self._previous: dict[str | int, float] = {}
-        # Ids being delivered; the future only once a duplicate waits for the outcome.
-        self._in_flight: dict[str, asyncio.Future[bool] | None] = {}
+        # Ids being delivered: each one's key, and a future once a duplicate waits for the
+        # outcome (None until then).
+        self._in_flight: dict[str, tuple[str | int, asyncio.Future[bool] | None]] = {}
         self._stamp = -1.0
         self._checked = -1.0  # the stamp at which _window_passed last answered
 
@@ -76,18 +77,21 @@ class MemoryDedup:
         while True:
             if self._seen(key):
                 return False
-            if event_id not in self._in_flight:
-                self._in_flight[event_id] = None
+            flight = self._in_flight.get(event_id)
+            if flight is None:
+                self._in_flight[event_id] = (key, None)
                 return True
             # Another request is delivering this id right now; its outcome decides.
-            pending = self._in_flight[event_id]
+            pending = flight[1]
             if pending is None:
-                pending = self._in_flight[event_id] = asyncio.get_running_loop().create_future()
+                pending = asyncio.get_running_loop().create_future()
+                self._in_flight[event_id] = (key, pending)
             await asyncio.shield(pending)
 
     async def commit(self, event_id: str) -> None:
         """Every sink took the event: remember it and wake any waiting duplicate."""
-        self._insert(self._key(event_id), self._second())
+        flight = self._in_flight.get(event_id)
+        self._insert(self._key(event_id) if flight is None else flight[0], self._second())
         self._settle(event_id, delivered=True)
 
     def remember(self, event_id: str, age: float) -> None:
@@ -116,7 +120,8 @@ class MemoryDedup:
             self._settle(event_id, delivered=False)
 
     def _settle(self, event_id: str, *, delivered: bool) -> None:
-        pending = self._in_flight.pop(event_id, None)
+        flight = self._in_flight.pop(event_id, None)
+        pending = None if flight is None else flight[1]
         if pending is not None and not pending.done():
             pending.set_result(delivered)
 
