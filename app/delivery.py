@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -14,6 +15,7 @@ from app.errors import DeliveryFailed
 from app.metrics import Metrics
 from app.received import ReceivedEvent
 from app.sinks.base import PermanentSinkError, Sink
+from app.tally import CounterChild, HistogramChild
 
 log = logging.getLogger("dcon.delivery")
 
@@ -140,13 +142,19 @@ class Delivery:
             log.error("sink %s failed: %s", sink.name, exc)
             reason = "error"
         else:
-            self.metrics.sink_seconds.labels(sink.name).observe(time.perf_counter() - started)
-            self.metrics.sink_deliveries.labels(sink.name).inc()
+            seconds, deliveries = self._sink_metrics(sink.name)
+            seconds.observe(time.perf_counter() - started)
+            deliveries.inc()
             return None
         finally:
             watch.end()
         self.metrics.sink_failures.labels(sink.name, reason).inc()
         return reason
+
+    # Bound once per sink: labels() looks the child up on every call.
+    @functools.cache  # noqa: B019 - one Delivery per app, living as long as the app
+    def _sink_metrics(self, name: str) -> tuple[HistogramChild, CounterChild]:
+        return self.metrics.sink_seconds.labels(name), self.metrics.sink_deliveries.labels(name)
 
     async def deliver(self, event: ReceivedEvent) -> None:
         """Return once every sink has the event; otherwise raise ``DeliveryFailed``.

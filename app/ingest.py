@@ -192,8 +192,9 @@ async def read_asgi_body(headers: Mapping[str, str], receive: Receive, limit: in
 def header_map(scope: Scope) -> dict[str, str]:
     """The request's headers by lower-case name; of repeated ones the first, as Starlette's
     ``Headers.get`` answers. A plain dict costs a fraction of ``Headers`` per lookup."""
+    # ASGI servers give header names in lower case (the spec requires it).
     return {
-        name.decode("latin-1").lower(): value.decode("latin-1")
+        name.decode("latin-1"): value.decode("latin-1")
         for name, value in reversed(scope["headers"])
     }
 

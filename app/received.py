@@ -7,7 +7,6 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cached_property
 from typing import Any
 
 from app.events import ParsedBody, parse_body
@@ -100,7 +99,7 @@ class ReceivedEvent:
             f'"receivedAt":{_STRING(self.received_at.isoformat().replace("+00:00", "Z"))},'
             f'"verified":{"true" if self.verified else "false"},'
             f'"verification":{_STRING(self.verification.label)},'
-            f'"outcome":{_STRING(parsed.outcome.value)}'
+            f'"outcome":{_STRING(parsed.outcome)}'  # a StrEnum: the value itself
         )
         if parsed.error is not None:
             head += f',"error":{_STRING(parsed.error)}'
@@ -116,10 +115,14 @@ class ReceivedEvent:
         sit on one line as it is; it is stored parsed, with the exact bytes in
         ``bodyBase64`` so that nothing signed is lost.
         """
-        return self._record
+        # Kept in the instance's __dict__ as functools.cached_property would, without the
+        # lock it takes on every first access (3.11), which is every event's only access.
+        line: bytes | None = self.__dict__.get("_line")
+        if line is None:
+            line = self.__dict__["_line"] = self._build_record()
+        return line
 
-    @cached_property
-    def _record(self) -> bytes:
+    def _build_record(self) -> bytes:
         head = self._head()
         if b"\n" in self.body or b"\r" in self.body:
             extra = _ENCODE(

@@ -90,9 +90,7 @@ class Receiver:
 
     def _accepted(self, event: ReceivedEvent) -> Ack:
         self.counts["accepted"] += 1
-        self.metrics.count_event(
-            event.event_type, event.parsed.outcome.value, event.verification.label
-        )
+        self.metrics.count_event(event.event_type, event.parsed.outcome, event.verification.label)
         return Ack("accepted", event)
 
     def _note_keys(self, verification: Verification) -> None:
