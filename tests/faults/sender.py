@@ -65,6 +65,7 @@ class DTSender:
         first_pause: float = 0.05,
         longest_pause: float = 1.0,
         give_up_after: float = 120.0,
+        rate: float | None = None,
     ) -> None:
         parts = urlsplit(url)
         assert parts.scheme == "http", url
@@ -75,6 +76,9 @@ class DTSender:
         self.first_pause = first_pause
         self.longest_pause = longest_pause
         self.give_up_after = give_up_after
+        # New events per second (None: all at once). Paced, a run lasts as long as the
+        # test needs it to, however fast the receiver answers.
+        self.rate = rate
         self.deliveries: dict[str, Delivery] = {}
         self.acknowledged = 0
         self._thread: threading.Thread | None = None
@@ -121,9 +125,14 @@ class DTSender:
         back into it after its pause, so new events keep flowing meanwhile, as with DT."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, bytes, float]] = asyncio.Queue()
-        for event_id, body in bodies.items():
+        started = loop.time()
+        for n, (event_id, body) in enumerate(bodies.items()):
             self.deliveries[event_id] = Delivery(event_id)
-            queue.put_nowait((event_id, body, self.first_pause))
+            new = (event_id, body, self.first_pause)
+            if self.rate is None:
+                queue.put_nowait(new)
+            else:
+                loop.call_at(started + n / self.rate, queue.put_nowait, new)
         give_up_at = time.monotonic() + self.give_up_after
         pending = len(bodies)
         done = asyncio.Event()

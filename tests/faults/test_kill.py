@@ -27,7 +27,8 @@ def test_kill_9_under_load_loses_nothing(
     dedup window from the file, so they are answered as duplicates and stored once."""
     receiver = receivers(tmp_path)
     receiver.start()
-    sender = DTSender(receiver.url, connections=CONNECTIONS)
+    # Paced, so that events still arrive while it is down however fast it answers.
+    sender = DTSender(receiver.url, connections=CONNECTIONS, rate=EVENTS / 5)
     sender.start(dt_events(EVENTS))
     sender.wait_acknowledged(EVENTS // 3)
     receiver.kill()
