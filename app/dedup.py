@@ -90,9 +90,9 @@ class MemoryDedup:
 
     async def commit(self, event_id: str) -> None:
         """Every sink took the event: remember it and wake any waiting duplicate."""
-        flight = self._in_flight.get(event_id)
+        flight = self._in_flight.pop(event_id, None)
         self._insert(self._key(event_id) if flight is None else flight[0], self._second())
-        self._settle(event_id, delivered=True)
+        _wake(flight, delivered=True)
 
     def remember(self, event_id: str, age: float) -> None:
         """Take an id delivered ``age`` seconds ago (a warm start after a restart).
@@ -120,10 +120,7 @@ class MemoryDedup:
             self._settle(event_id, delivered=False)
 
     def _settle(self, event_id: str, *, delivered: bool) -> None:
-        flight = self._in_flight.pop(event_id, None)
-        pending = None if flight is None else flight[1]
-        if pending is not None and not pending.done():
-            pending.set_result(delivered)
+        _wake(self._in_flight.pop(event_id, None), delivered=delivered)
 
     def _window_passed(self, now: float) -> bool:
         """True once the previous generation has wholly expired and the current one has
@@ -157,3 +154,10 @@ class MemoryDedup:
         if now != self._stamp:
             self._stamp = now
         return self._stamp
+
+
+def _wake(flight: tuple[str | int, asyncio.Future[bool] | None] | None, *, delivered: bool) -> None:
+    """Tell a duplicate waiting on a finished claim (if one waits) how it ended."""
+    pending = None if flight is None else flight[1]
+    if pending is not None and not pending.done():
+        pending.set_result(delivered)

@@ -157,7 +157,7 @@ async def ingest(request: Request) -> Response:
     """Receive one DT Data Connector event (any Content-Type; the body is read raw)."""
     try:
         status, body, headers = await answer(
-            request.app.state.ingest,
+            request.app.ingest_context,
             request.headers,
             lambda limit: read_body(request.headers, request.stream(), limit),
             request.client.host if request.client else None,

@@ -158,10 +158,8 @@ def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> Fa
             deliverer = app.state.spool = Spool(settings, delivery, unconnected=down)
             await app.state.spool.open()
         receiver = app.state.receiver = Receiver(verifier, dedup, deliverer, metrics)
-        context = IngestContext(receiver, metrics, settings.max_body_bytes)
-        app.state.ingest = context
-        if isinstance(app, ReceiverApp):
-            app.ingest_context = context
+        if isinstance(app, ReceiverApp):  # always: create_app builds one below
+            app.ingest_context = IngestContext(receiver, metrics, settings.max_body_bytes)
         log.info(
             "receiving on POST %s; signatures: %s; sinks: %s",
             settings.path,

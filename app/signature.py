@@ -266,9 +266,8 @@ class SecretScheme:
     def __init__(self, secrets: Sequence[str], age: TokenAge) -> None:
         if not secrets:
             raise ValueError("the secret scheme needs at least one secret")
-        self._keys = [HS256.prepare_key(secret) for secret in secrets]
         # Keyed once; copying one costs half of hmac.digest, which keys afresh each time.
-        self._macs = [hmac.new(key, digestmod="sha256") for key in self._keys]
+        self._macs = [hmac.new(HS256.prepare_key(secret), digestmod="sha256") for secret in secrets]
         self._passes = [SchemePass(self.name, f"secret #{n + 1}") for n in range(len(secrets))]
         self._age = age
 
@@ -325,8 +324,8 @@ class SecretScheme:
         # Every key is tried even after a match would be possible to short-circuit; the
         # position of the secret must not be learnable from timing.
         matches = [
-            hmac.compare_digest(hmac.digest(key, token.signing_input, "sha256"), token.signature)
-            for key in self._keys
+            hmac.compare_digest(_mac(keyed, token.signing_input), token.signature)
+            for keyed in self._macs
         ]
         if True not in matches:
             raise SignatureError(
