@@ -155,16 +155,35 @@ class SqliteDedup(SharedDedup):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            # In WAL mode, NORMAL syncs at checkpoints only: a power cut may forget the last
-            # few ids (a duplicate later), never lose an event.
-            db.execute("PRAGMA synchronous=NORMAL")
-            for statement in SCHEMA:
-                db.execute(statement)
+            self._set_up(db)
         except BaseException:
             db.close()
             raise
         self._db = db
+
+    @staticmethod
+    def _set_up(db: sqlite3.Connection) -> None:
+        """WAL mode and the schema, retried while another process does the same.
+
+        Workers started together all open a new database at once, and SQLite answers the
+        switch to WAL with "database is locked" at once, without waiting out the busy
+        timeout, while another connection is making that switch (seen: a worker that
+        died at start-up). So a busy answer is retried until the busy timeout has passed.
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT
+        while True:
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                # In WAL mode, NORMAL syncs at checkpoints only: a power cut may forget
+                # the last few ids (a duplicate later), never lose an event.
+                db.execute("PRAGMA synchronous=NORMAL")
+                for statement in SCHEMA:
+                    db.execute(statement)
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def _apply(self, ops: list[Op]) -> list[Result]:
         """Every op in one transaction: all of them happen, or none."""

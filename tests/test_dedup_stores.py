@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from app.dedup import DedupStore, MemoryDedup
 from app.dedup_redis import RedisDedup
 from app.dedup_shared import SharedDedup
-from app.dedup_sqlite import SqliteDedup
+from app.dedup_sqlite import BUSY_TIMEOUT, SqliteDedup
 from app.dedup_stores import build_dedup, uvicorn_workers
 from app.errors import ConfigError, DedupBusy, DedupUnavailable
 from app.samples import sample_body
@@ -541,3 +541,33 @@ def test_uvicorn_workers_with_memory_dedup_refuse_and_auto_shares_sqlite(
     with pytest.raises(ConfigError, match="DCON_DEDUP_STORE=memory"):
         build_dedup(Settings(dedup_store="memory"))
     assert isinstance(build_dedup(Settings(dedup_path=tmp_path / "d")), SqliteDedup)
+
+
+def _set_up_when_told(path: str, go: Event, out: Queue[str]) -> None:
+    go.wait()
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+    try:
+        SqliteDedup._set_up(db)
+        out.put("ok")
+    except sqlite3.Error as exc:
+        out.put(str(exc))
+    finally:
+        db.close()
+
+
+def test_workers_opening_a_new_sqlite_store_at_once_all_start(tmp_path: Path) -> None:
+    """Workers started together race to switch a new database to WAL; SQLite answers the
+    losers "database is locked" at once, which once killed a worker at start-up."""
+    fork = multiprocessing.get_context("fork")
+    outcomes: list[str] = []
+    for trial in range(30):
+        path = str(tmp_path / f"dedup-{trial}.sqlite3")
+        go, out = fork.Event(), fork.Queue()
+        workers = [fork.Process(target=_set_up_when_told, args=(path, go, out)) for _ in range(8)]
+        for worker in workers:
+            worker.start()
+        go.set()
+        outcomes += [out.get(timeout=30) for _ in workers]
+        for worker in workers:
+            worker.join(10)
+    assert outcomes == ["ok"] * 240
