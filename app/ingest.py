@@ -29,6 +29,7 @@ from app.errors import (
     RetryLater,
     SignatureError,
 )
+from app.logs import AccessLog
 from app.metrics import CONTENT_TYPE, Metrics
 from app.receiver import Ack, Receiver, access_fields
 
@@ -42,7 +43,7 @@ def _new_request_id() -> str:
     return f"{_REQUEST_PREFIX}{next(_REQUEST_NUMBERS):08x}"
 
 
-access = logging.getLogger("dcon.access")
+access = AccessLog(logging.getLogger("dcon.access"))
 log = logging.getLogger("dcon")
 JSON = b"application/json"
 # Built once: json.dumps with separators builds a new encoder per call.
@@ -125,16 +126,13 @@ async def answer(
     elapsed = time.perf_counter() - started
     context.metrics.observe_request(status, elapsed, size)
     extra["X-Request-Id"] = request_id
-    if access.isEnabledFor(logging.INFO):
+    if access.enabled():
         if status == 200:
             # Built only when logged: at level warning this is per-request work for nothing.
             fields = access_fields(ack.event) | {"outcome": ack.status}
-        access.info(
-            "%s %s %d",
-            method,
-            path,
-            status,
-            extra={
+        access.write(
+            f"{method} {path} {status}",
+            {
                 "requestId": request_id,
                 "client": client,
                 "status": status,

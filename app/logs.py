@@ -11,6 +11,8 @@ import json
 import logging
 import logging.config
 import sys
+import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,10 +28,14 @@ def _extra(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD}
 
 
+def _timestamp(created: float) -> str:
+    return datetime.fromtimestamp(created, UTC).isoformat().replace("+00:00", "Z")
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z"),
+            "ts": _timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -50,6 +56,65 @@ class TextFormatter(logging.Formatter):
         if fields:
             text += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
         return text
+
+
+class AccessLog:
+    """Writes the access log: one info line per ingest request, on logger ``dcon.access``.
+
+    Through ``logging``, each line is a LogRecord, a walk over the loggers and handlers, and
+    a formatter that sifts the record's attributes for the fields: about 1,100 interpreted
+    opcodes, half as many again as the rest of the request (measured in-process). When
+    logging is set up as ``configure_logging`` leaves it in JSON (the logger has no
+    handlers or filters of its own and ``dcon``'s one handler is a StreamHandler with
+    ``JsonFormatter``), the line that formatter would give is built here and written to
+    that handler's stream directly. Any other setup, a changed one included, gets an
+    ordinary logging call.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+    def write(self, message: str, fields: Mapping[str, object]) -> None:
+        """Log ``message`` with ``fields`` as its JSON keys (``extra`` of a logging call)."""
+        handler = self._direct_handler()
+        if handler is None:
+            self.logger.info("%s", message, extra=fields)
+            return
+        line: dict[str, object] = {
+            "ts": _timestamp(time.time()),
+            "level": "info",
+            "logger": self.logger.name,
+            "msg": message,
+        }
+        line.update(fields)
+        text = _ENCODE(line) + handler.terminator
+        with handler.lock:  # type: ignore[union-attr]  # set by Handler.createLock
+            try:
+                handler.stream.write(text)
+                handler.stream.flush()
+            except Exception:  # as StreamHandler.emit does: report it and go on
+                handler.handleError(logging.makeLogRecord({"msg": message, "args": None}))
+
+    def _direct_handler(self) -> logging.StreamHandler[Any] | None:
+        logger = self.logger
+        parent = logger.parent
+        if logger.handlers or logger.filters or not logger.propagate or parent is None:
+            return None
+        handlers = parent.handlers
+        if len(handlers) != 1 or parent.filters or parent.propagate:
+            return None
+        handler = handlers[0]
+        if (
+            type(handler) is logging.StreamHandler
+            and type(handler.formatter) is JsonFormatter
+            and not handler.filters
+            and handler.level <= logging.INFO
+        ):
+            return handler
+        return None
 
 
 def use_json(log_format: str) -> bool:

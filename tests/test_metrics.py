@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.logs import JsonFormatter
+from app.ingest import access
+from app.logs import JsonFormatter, configure_logging
 from app.samples import sample_body
 from app.settings import Settings
 from app.signing import sign_secret
@@ -112,3 +117,77 @@ async def test_access_log_has_one_line_per_request_and_never_a_secret(
     assert SECRET not in everything
     assert token not in everything
     assert token.split(".")[2] not in everything
+
+
+@pytest.fixture
+def json_logging() -> Iterator[logging.StreamHandler[Any]]:
+    """Logging as ``serve`` sets it up (JSON on one stream handler), into a buffer; the
+    loggers it touched are put back afterwards."""
+    touched = ["dcon", "uvicorn", "uvicorn.error", "aiormq", "aio_pika"]
+    saved = {
+        name: (lg.handlers[:], lg.level, lg.propagate)
+        for name, lg in ((n, logging.getLogger(n)) for n in touched)
+    }
+    configure_logging("info", "json")
+    handler = logging.getLogger("dcon").handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(io.StringIO())
+    try:
+        yield handler
+    finally:
+        for name, (handlers, level, propagate) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
+
+
+def _odd(body: bytes) -> bytes:
+    """The same event under another id and an unknown type, both with quotes and non-ASCII."""
+    doc = json.loads(body)
+    doc["event"]["eventId"] = 'odd-ïd "1"'
+    doc["event"]["eventType"] = 'töuch \u2028"x"'
+    return json.dumps(doc).encode()
+
+
+async def _access_lines(handler: logging.StreamHandler[Any], body: bytes) -> list[dict[str, Any]]:
+    s = Settings(verify_mode="secret", signature_secrets=[SECRET])
+    headers = {"X-Dt-Signature": sign_secret(body, SECRET), "X-Request-Id": "req-7"}
+    async with serve_app(s, [QueueSink()]) as (_, client):
+        for sent in (body, body, _odd(body)):
+            signed = {**headers, "X-Dt-Signature": sign_secret(sent, SECRET)}
+            await client.post("/events", content=sent, headers=signed)
+        await client.post("/events", content=body, headers={**headers, "X-Dt-Signature": "x.y"})
+    stream = handler.setStream(io.StringIO())
+    assert isinstance(stream, io.StringIO)
+    lines = [json.loads(line) for line in stream.getvalue().split("\n") if line]
+    return [line for line in lines if line["logger"] == "dcon.access"]
+
+
+async def test_access_lines_written_directly_match_the_formatter(
+    json_logging: logging.StreamHandler[Any],
+) -> None:
+    """The access log's direct write (logging as serve sets it up) gives the lines that a
+    logging call through JsonFormatter gives, key for key and in the same order."""
+    body = sample_body("touch")
+    # pytest hangs its capture handler on every non-propagating logger as a test starts:
+    # take it off, for logging as serve has it.
+    logging.getLogger("dcon").handlers[:] = [json_logging]
+    assert access._direct_handler() is json_logging  # the direct write applies
+    direct = await _access_lines(json_logging, body)
+    # Any filter on the logger means the direct write no longer applies.
+    logging.getLogger("dcon").addFilter(lambda record: True)
+    assert access._direct_handler() is None
+    through_logging = await _access_lines(json_logging, body)
+    assert len(direct) == len(through_logging) == 4
+    assert [line["status"] for line in direct] == [200, 200, 200, 401]
+    assert [line["outcome"] for line in direct[:3]] == ["accepted", "duplicate", "accepted"]
+    for ours, theirs in zip(direct, through_logging, strict=True):
+        assert list(ours) == list(theirs)
+        varying = {"ts", "durationMs"}
+        assert {k: v for k, v in ours.items() if k not in varying} == {
+            k: v for k, v in theirs.items() if k not in varying
+        }
+        assert datetime.fromisoformat(ours["ts"]).tzinfo is not None
+        assert ours["ts"].endswith("Z")
+        assert ours["msg"].startswith("POST /events ")
