@@ -345,4 +345,10 @@ class Verifier:
         return bool(self.schemes)
 
     def verify(self, body: bytes, headers: Mapping[str, str]) -> Verification:
-        return Verification(tuple([s.verify(body, headers) for s in self.schemes]))
+        return _verification(tuple([s.verify(body, headers) for s in self.schemes]))
+
+
+# A verdict is immutable and made of a handful of passes (one per configured key, and per
+# Data Connector for the asymmetric scheme), so one is kept per distinct combination
+# rather than built, label and all, for every request. Bounded all the same.
+_verification = functools.lru_cache(maxsize=256)(Verification)
