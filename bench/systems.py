@@ -53,14 +53,18 @@ class System:
 
 
 def ensure_baseline_venv() -> Path:
-    """Create ``bench/.venv-baseline`` with Flask, gunicorn and dtintegrations once."""
+    """Create ``bench/.venv-baseline`` with Flask, gunicorn and dtintegrations, on the same
+    interpreter as the receiver's venv; made again when that interpreter changes, since
+    the comparison is only fair on one interpreter build."""
     marker = BASELINE_VENV / ".installed"
-    if not marker.exists():
+    base = getattr(sys, "_base_executable", sys.executable)  # the venv's own interpreter
+    interpreter = f"{os.path.realpath(base)} {sys.version}"
+    if not marker.exists() or marker.read_text() != interpreter:
         print(f"creating {BASELINE_VENV} ({', '.join(BASELINE_PACKAGES)})", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(BASELINE_VENV)], check=True)
         pip = [str(BASELINE_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet"]
         subprocess.run([*pip, *BASELINE_PACKAGES], check=True)
-        marker.touch()
+        marker.write_text(interpreter)
     return BASELINE_VENV / "bin" / "python"
 
 
