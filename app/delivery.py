@@ -156,6 +156,27 @@ class Delivery:
     def _sink_metrics(self, name: str) -> tuple[HistogramChild, CounterChild]:
         return self.metrics.sink_seconds.labels(name), self.metrics.sink_deliveries.labels(name)
 
+    async def _attempt_all(
+        self, sinks: Sequence[Sink], event: ReceivedEvent
+    ) -> list[str | PermanentSinkError | None]:
+        """Send to every sink at once; each one's failure reason, or None, in order.
+
+        The first sink is sent to in this task and the others each in a task of its own:
+        ``asyncio.gather`` would add a task for the first one too, and its own bookkeeping
+        in Python, about 450 interpreted opcodes per event with two sinks (a seventh of the
+        request). ``_attempt`` only ever raises ``CancelledError``, and then the tasks still
+        running are cancelled with this one, as gather would.
+        """
+        loop = asyncio.get_running_loop()
+        others = [loop.create_task(self._attempt(sink, event)) for sink in sinks[1:]]
+        try:
+            first = await self._attempt(sinks[0], event)
+            return [first, *[await task for task in others]]
+        except BaseException:
+            for task in others:
+                task.cancel()
+            raise
+
     async def deliver(self, event: ReceivedEvent) -> None:
         """Return once every sink has the event; otherwise raise ``DeliveryFailed``.
 
@@ -181,7 +202,7 @@ class Delivery:
                 return
             reasons: Sequence[str | PermanentSinkError | None] = [reason]
         else:
-            reasons = await asyncio.gather(*(self._attempt(sink, event) for sink in sinks))
+            reasons = await self._attempt_all(sinks, event)
         failed = [sink.name for sink, reason in zip(sinks, reasons, strict=True) if reason]
         if failed:
             rejected = {
