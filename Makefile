@@ -16,7 +16,7 @@ BIN    := $(VENV)/bin
 run: export DCON_VERIFY_MODE ?= secret
 run: export DCON_SIGNATURE_SECRETS ?= dev-secret
 
-.PHONY: python-version run test test-faults lint fmt bench bench-quick bench-profile certs docs tls-check container-check clean
+.PHONY: python-version run test test-faults lint fmt bench bench-instructions bench-quick bench-profile certs docs tls-check container-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,11 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/http_bench.py $(BENCH_FLAGS)
 	$(BIN)/python bench/workers.py
 	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/instructions.py
+
+# Instructions per request under callgrind: steady where requests/s swing with the load.
+bench-instructions: $(BIN)/.installed
+	$(BIN)/python bench/instructions.py
 
 bench-quick: $(BIN)/.installed
 	$(BIN)/python bench/http_bench.py --quick
