@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.ingest import access
-from app.logs import JsonFormatter, configure_logging
+from app.logs import JsonFormatter, configure_logging, logging_config
 from app.samples import sample_body
 from app.settings import Settings
 from app.signing import sign_secret
@@ -123,11 +123,10 @@ async def test_access_log_has_one_line_per_request_and_never_a_secret(
 def json_logging() -> Iterator[logging.StreamHandler[Any]]:
     """Logging as ``serve`` sets it up (JSON on one stream handler), into a buffer; the
     loggers it touched are put back afterwards."""
-    touched = ["dcon", "uvicorn", "uvicorn.error", "aiormq", "aio_pika"]
-    saved = {
-        name: (lg.handlers[:], lg.level, lg.propagate)
-        for name, lg in ((n, logging.getLogger(n)) for n in touched)
-    }
+    touched = [logging.getLogger(name) for name in logging_config("info", "json")["loggers"]]
+    saved = [(lg, lg.handlers[:], lg.filters[:], lg.level, lg.propagate) for lg in touched]
+    switches = (logging.logThreads, logging.logProcesses, logging.logMultiprocessing)
+    srcfile = logging._srcfile
     configure_logging("info", "json")
     handler = logging.getLogger("dcon").handlers[0]
     assert isinstance(handler, logging.StreamHandler)
@@ -135,11 +134,13 @@ def json_logging() -> Iterator[logging.StreamHandler[Any]]:
     try:
         yield handler
     finally:
-        for name, (handlers, level, propagate) in saved.items():
-            logger = logging.getLogger(name)
+        for logger, handlers, filters, level, propagate in saved:
             logger.handlers[:] = handlers
+            logger.filters[:] = filters
             logger.setLevel(level)
             logger.propagate = propagate
+        logging.logThreads, logging.logProcesses, logging.logMultiprocessing = switches
+        logging._srcfile = srcfile
 
 
 def _odd(body: bytes) -> bytes:
