@@ -13,7 +13,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -158,8 +158,10 @@ def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> Fa
             deliverer = app.state.spool = Spool(settings, delivery, unconnected=down)
             await app.state.spool.open()
         receiver = app.state.receiver = Receiver(verifier, dedup, deliverer, metrics)
-        if isinstance(app, ReceiverApp):  # always: create_app builds one below
-            app.ingest_context = IngestContext(receiver, metrics, settings.max_body_bytes)
+        # This lifespan belongs to the ReceiverApp that create_app builds below.
+        cast(ReceiverApp, app).ingest_context = IngestContext(
+            receiver, metrics, settings.max_body_bytes
+        )
         log.info(
             "receiving on POST %s; signatures: %s; sinks: %s",
             settings.path,

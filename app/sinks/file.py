@@ -367,7 +367,7 @@ class FileSink:
                     continue
                 # Let the loop go round a few times before cutting the batch: requests read
                 # meanwhile reach send() and join it, so under load each fsync carries more
-                # events (measured: +9% requests/s and a third of the thread switches with
+                # events (measured: +6% requests/s and a third of the thread switches with
                 # 3 turns; more gained nothing). Idle, it adds three empty turns, microseconds.
                 for _ in range(GATHER_TURNS):
                     await asyncio.sleep(0)
