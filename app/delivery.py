@@ -48,13 +48,16 @@ class Deadlines:
 
     def watch(self) -> Watch:
         """Start the deadline of the current task's next await; ``end`` it in a finally."""
-        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("a deadline needs a task")
+        loop = task.get_loop()  # not get_running_loop() again: a getpid system call each
         slot = math.ceil((loop.time() + self.seconds) / self.slot)
         due = self._due.get(slot)
         if due is None:
             due = self._due[slot] = set()
             loop.call_at(slot * self.slot, self._fire, slot)
-        watch = Watch(asyncio.current_task(), due)
+        watch = Watch(task, due)
         due.add(watch)
         return watch
 
@@ -69,9 +72,7 @@ class Watch:
 
     __slots__ = ("_due", "_settled", "cancelling", "fired", "task")
 
-    def __init__(self, task: asyncio.Task[Any] | None, due: set[Watch]) -> None:
-        if task is None:
-            raise RuntimeError("a deadline needs a task")
+    def __init__(self, task: asyncio.Task[Any], due: set[Watch]) -> None:
         self.task = task
         self.cancelling = task.cancelling()
         self.fired = False

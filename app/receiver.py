@@ -69,11 +69,15 @@ class Receiver:
 
     def _checked(self, body: bytes, headers: Mapping[str, str]) -> asyncio.Future[ReceivedEvent]:
         """The request's verified and parsed event, once this loop turn's batch is checked."""
-        loop = asyncio.get_running_loop()
+        # The loop is looked up once per batch: asyncio.get_running_loop() costs a getpid
+        # system call on every call (CPython 3.11 checks for a fork each time).
+        if self._arrivals:
+            loop = self._arrivals[0].checked.get_loop()
+        else:
+            loop = asyncio.get_running_loop()
+            loop.call_soon(self._check_arrivals)
         checked: asyncio.Future[ReceivedEvent] = loop.create_future()
         self._arrivals.append(_Arrival(body, headers, checked))
-        if len(self._arrivals) == 1:
-            loop.call_soon(self._check_arrivals)
         return checked
 
     def _check_arrivals(self) -> None:

@@ -327,7 +327,8 @@ class FileSink:
         """Return once the event's line is in the file (and fsynced when fsync is on)."""
         if self._writer is None or self._writer.done() or self._closing:
             raise SinkError(NAME, f"{self.path}: {'closed' if self._closing else 'not open'}")
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # The writer's loop, which is this one: get_running_loop() is a getpid system call.
+        done: asyncio.Future[None] = self._writer.get_loop().create_future()
         self._pending.append((event.record() + b"\n", done))
         self._wake.set()
         await done
