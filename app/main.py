@@ -26,7 +26,7 @@ from app.dedup_stores import open_dedup
 from app.dedup_warm import warm
 from app.delivery import Deliverer, Delivery, Route
 from app.errors import ConfigError
-from app.ingest import IngestContext, ingest, ingest_asgi, metrics_endpoint
+from app.ingest import IngestContext, access, ingest, ingest_asgi, metrics_endpoint
 from app.logs import configure_logging
 from app.metrics import Metrics
 from app.receiver import Receiver
@@ -187,6 +187,7 @@ def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> Fa
                 await sink.close()
             if keys is not None:
                 await keys.close()
+            access.flush()  # the last requests' access lines, should the loop stop first
 
     app = ReceiverApp(title="dcon-receiver", version=__version__, lifespan=lifespan)
     app.ingest_path = settings.path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -192,3 +193,56 @@ async def test_access_lines_written_directly_match_the_formatter(
         assert datetime.fromisoformat(ours["ts"]).tzinfo is not None
         assert ours["ts"].endswith("Z")
         assert ours["msg"].startswith("POST /events ")
+
+
+class CountingStream(io.StringIO):
+    """A stream that keeps each write it gets (each one a system call on a real stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+    def access_writes(self) -> list[str]:
+        return [text for text in self.writes if '"logger": "dcon.access"' in text]
+
+
+async def test_access_lines_of_one_loop_turn_go_out_in_one_write(
+    json_logging: logging.StreamHandler[Any],
+) -> None:
+    """Requests answered together (as a group commit releases them) cost one write for
+    all their access lines, made by the end of that loop turn; none is lost or cut."""
+    logging.getLogger("dcon").handlers[:] = [json_logging]
+    stream = CountingStream()
+    json_logging.setStream(stream)
+    s = Settings(verify_mode="secret", signature_secrets=[SECRET])
+    bodies = [sample_body(kind) for kind in ("touch", "temperature", "co2", "contact", "motion")]
+    async with serve_app(s, [QueueSink()]) as (_, client):
+        answers = await asyncio.gather(
+            *(
+                client.post("/events", content=b, headers={"X-Dt-Signature": signature})
+                for b, signature in zip(bodies, map(sign_secret, bodies, [SECRET] * 5), strict=True)
+            )
+        )
+        assert [a.status_code for a in answers] == [200] * 5
+        await asyncio.sleep(0)  # the turn after the answers: their lines are out
+        written = stream.access_writes()
+    lines = [json.loads(line) for text in written for line in text.splitlines()]
+    assert sorted(line["eventId"] for line in lines) == sorted(
+        json.loads(b)["event"]["eventId"] for b in bodies
+    )
+    assert len(written) == 1  # the five were answered in the same turn
+
+
+def test_an_access_line_written_outside_a_loop_is_written_at_once(
+    json_logging: logging.StreamHandler[Any],
+) -> None:
+    logging.getLogger("dcon").handlers[:] = [json_logging]
+    stream = CountingStream()
+    json_logging.setStream(stream)
+    access.write("POST /events 200", {"requestId": "r-1"})
+    [text] = stream.access_writes()
+    assert json.loads(text)["requestId"] == "r-1"
