@@ -1,6 +1,6 @@
 """Whole requests over HTTP: the receiver against the stack's ceiling and DT's own receiver.
 
-    python bench/http_bench.py [--rounds 3] [--duration 10] [--warmup 3] [--quick]
+    python bench/http_bench.py [--rounds 5] [--duration 10] [--warmup 3] [--quick]
                                [--asymmetric] [--no-log-variant]
 
 Each system is a fresh server process per round, pinned to CPU 0; wrk (1 thread, 64
@@ -331,7 +331,7 @@ def ensure_tools() -> None:
 
 def parse_args() -> tuple[Plan, bool]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=int, default=10, help="measured seconds per run")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up seconds per run")
     parser.add_argument("--connections", type=int, default=64)
