@@ -73,7 +73,7 @@ class AccessLog:
 
     Direct lines are written once per turn of the event loop, all of that turn's lines in
     one write: a group commit answers dozens of requests in one turn, and a write (a
-    system call, with a flush) per line cost the default configuration 8% of its
+    system call, with a flush) per line cost the default configuration about 9% of its
     throughput. A process killed outright can lose the last turn's lines, never more.
     """
 

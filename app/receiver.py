@@ -111,8 +111,8 @@ class Receiver:
                 except Exception as exc:
                     arrival.checked.set_exception(exc)
             received_at = datetime.now(UTC)  # they all came in during the same loop turn
-            for arrival, verification, body in parsed:
-                event = ReceivedEvent(arrival.body, body, verification, received_at)
+            for arrival, verification, parsed_body in parsed:
+                event = ReceivedEvent(arrival.body, parsed_body, verification, received_at)
                 try:
                     event.record()  # built once here, while its code is warm; sinks reuse it
                 except Exception as exc:
