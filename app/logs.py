@@ -79,8 +79,10 @@ class AccessLog:
 
     def __init__(self, logger: logging.Logger) -> None:
         self.logger = logger
-        self._lines: list[str] = []  # direct lines of this loop turn, not yet written
+        # Direct lines not yet written, and the handler and loop they were written under.
+        self._lines: list[str] = []
         self._handler: logging.StreamHandler[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def enabled(self) -> bool:
         return self.logger.isEnabledFor(logging.INFO)
@@ -98,15 +100,20 @@ class AccessLog:
             "msg": message,
         }
         line.update(fields)
-        if self._lines and handler is not self._handler:
-            self.flush()  # logging was set up anew since: the old handler's lines first
-        self._handler = handler
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None  # none to come back to it: written at once, below
+        if self._lines and (handler is not self._handler or loop is not self._loop):
+            # Logging was set up anew, or these lines were left by a loop that stopped
+            # before its turn ended: they go first.
+            self.flush()
+        self._handler, self._loop = handler, loop
         self._lines.append(_ENCODE(line) + handler.terminator)
-        if len(self._lines) == 1:
-            try:
-                asyncio.get_running_loop().call_soon(self.flush)
-            except RuntimeError:  # no loop to come back to it: write it now
-                self.flush()
+        if loop is None:
+            self.flush()
+        elif len(self._lines) == 1:
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write the direct lines not yet written (the loop calls it once per turn)."""

@@ -246,3 +246,31 @@ def test_an_access_line_written_outside_a_loop_is_written_at_once(
     access.write("POST /events 200", {"requestId": "r-1"})
     [text] = stream.access_writes()
     assert json.loads(text)["requestId"] == "r-1"
+
+
+def test_lines_left_by_a_stopped_loop_are_written_with_the_next_loop_s(
+    json_logging: logging.StreamHandler[Any],
+) -> None:
+    """A loop closed before its turn's write ran must not leave lines behind for good,
+    nor hold back the lines of the loop that comes after it."""
+    logging.getLogger("dcon").handlers[:] = [json_logging]
+    stream = CountingStream()
+    json_logging.setStream(stream)
+
+    def one_line(request_id: str) -> None:
+        access.write("POST /events 200", {"requestId": request_id})
+
+    first = asyncio.new_event_loop()
+    first.call_soon(one_line, "r-1")
+    first.call_soon(first.stop)  # the loop stops before the turn's write comes round
+    first.run_forever()
+    first.close()
+    assert stream.access_writes() == []
+
+    async def later() -> None:
+        one_line("r-2")
+
+    asyncio.run(later())
+    written = stream.access_writes()
+    ids = [json.loads(line)["requestId"] for text in written for line in text.splitlines()]
+    assert ids == ["r-1", "r-2"]
