@@ -375,9 +375,13 @@ async def test_while_a_backlog_lasts_a_log_line_says_how_it_stands(
         return [r for r in caplog.records if said in r.getMessage()]
 
     with caplog.at_level(logging.INFO, logger="dcon.spool"):
-        async with serve_app(settings(tmp_path), [sink]) as (_, client):
+        async with serve_app(settings(tmp_path), [sink]) as (app, client):
             await post_new(client, 2)
             pending = (tmp_path / "spool.jsonl").stat().st_size
+            # A report made before the first attempt has failed is rightly an info line:
+            # the warning is owed from the failure on.
+            await until(lambda: spool_of(app).forwarder.failing, "failing")
+            caplog.clear()
             await until(lambda: bool(reports(pending)), "reported")
     [line, *_] = reports(pending)
     assert line.levelno == logging.WARNING
