@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -75,3 +75,20 @@ def test_the_record_head_is_exactly_meta_as_json(text: str) -> None:
             head = event.record().split(b',"body":', 1)[0] + b"}"
             meta = json.dumps(event.meta(), separators=(",", ":"), ensure_ascii=False)
             assert head.decode() == meta
+
+
+def test_each_record_spells_its_own_receive_time() -> None:
+    """Events of one batch share a receive time and its text; any other time, even the same
+    instant in another zone, is written as its own meta() gives it."""
+    body = payload_files()[0].read_bytes().strip()
+    parsed = parse_body(body)
+    later = datetime(2026, 11, 26, 4, 5, 7, tzinfo=UTC)
+    same_instant = AT.astimezone(timezone(timedelta(hours=2)))
+    for at in (AT, AT, later, same_instant, AT):
+        event = ReceivedEvent(body, parsed, UNVERIFIED, at)
+        record = json.loads(event.record())
+        assert record["receivedAt"] == event.meta()["receivedAt"]
+        assert datetime.fromisoformat(record["receivedAt"]) == at
+    assert json.loads(ReceivedEvent(body, parsed, UNVERIFIED, same_instant).record())[
+        "receivedAt"
+    ].endswith("+02:00")
