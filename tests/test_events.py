@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -188,6 +189,20 @@ def test_payload_parses_typed_into_its_model(path: Path) -> None:
     assert parsed.project_id == doc["metadata"]["projectId"]
     assert parsed.device_id == doc["metadata"]["deviceId"]
     assert parsed.envelope.labels == doc["labels"]
+
+
+@pytest.mark.parametrize("path", PAYLOADS, ids=lambda p: p.name)
+def test_typed_envelope_is_the_one_the_model_itself_gives(path: Path) -> None:
+    """parse_body's envelope (a validator for the modelled types alone) is an Envelope
+    equal to what Envelope itself validates from the body, extras and set fields too."""
+    raw = path.read_bytes()
+    parsed = parse_body(raw).envelope
+    model = Envelope.model_validate_json(raw)
+    assert type(parsed) is Envelope
+    assert parsed == model
+    assert parsed.model_dump_json(exclude_unset=True) == model.model_dump_json(exclude_unset=True)
+    assert extras(parsed) == extras(model)
+    assert pickle.loads(pickle.dumps(parsed)) == model  # noqa: S301 - our own bytes
 
 
 @pytest.mark.parametrize("path", PAYLOADS, ids=lambda p: p.name)
