@@ -1,7 +1,7 @@
 """Whole requests over HTTP: the receiver against the stack's ceiling and DT's own receiver.
 
     python bench/http_bench.py [--rounds 5] [--duration 10] [--warmup 3] [--quick]
-                               [--asymmetric] [--no-log-variant]
+                               [--asymmetric] [--no-log-variant] [--floor]
 
 Each system is a fresh server process per round, pinned to CPU 0; wrk (1 thread, 64
 connections, ``bench/post.lua``) is pinned to CPU 1 and POSTs distinct, validly signed
@@ -17,7 +17,9 @@ Systems:
       file sink only and log level warning;
   A'  the same with the default sinks and logging (log,file; info);
   B   the ceiling: a bare ASGI app that reads the body and answers 200, same uvicorn;
-  C   Flask + dtintegrations under one gunicorn sync worker, appending JSONL (no fsync).
+  C   Flask + dtintegrations under one gunicorn sync worker, appending JSONL (no fsync);
+  F   with ``--floor``: the receiver's essential work (HS256 and checksum, typed parse, a
+      dict for dedup, the file sink with fsync) as one bare ASGI function, same uvicorn.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from systems import (
 RESULTS = BENCH / "results"
 # Guesses for the first round only; later rounds size their bodies files from the rates
 # measured so far. A run that still outlasts its file is repeated with a bigger one.
-FIRST_GUESS = {"receiver": 5000.0, "baseline": 3000.0, "bare": 0.0}
+FIRST_GUESS = {"receiver": 5000.0, "baseline": 3000.0, "bare": 0.0, "floor": 7000.0}
 MARGIN = 1.5
 
 RECEIVER_ENV = {
@@ -78,6 +80,7 @@ SYSTEMS = {
         "receiver",
         {"DCON_SINKS": "log,file", "DCON_LOG_LEVEL": "info"},
     ),
+    "F": System("F", "floor: the same checks and file sink as one bare function", "floor"),
 }
 
 
@@ -104,14 +107,19 @@ class Bench:
     rates: dict[str, list[float]] = field(default_factory=dict)
 
     def signer_for(self, system: System) -> Signer:
-        # dtintegrations only knows the secret scheme.
-        return Signer() if system.kind == "baseline" else self.signer
+        # dtintegrations and the floor only know the secret scheme.
+        return Signer() if system.kind in ("baseline", "floor") else self.signer
 
     def env_for(self, system: System, workdir: Path) -> dict[str, str]:
         if system.kind == "receiver":
             return {**self.receiver_env, "DCON_FILE_PATH": str(workdir / "events.jsonl")}
         if system.kind == "baseline":
             return {"DT_SIGNATURE_SECRET": SECRET, "BASELINE_JSONL": str(workdir / "events.jsonl")}
+        if system.kind == "floor":
+            return {
+                "DCON_SIGNATURE_SECRETS": SECRET,
+                "DCON_FILE_PATH": str(workdir / "events.jsonl"),
+            }
         return {}
 
     def bodies(self, name: str, system: System, count: int) -> Path:
@@ -344,6 +352,11 @@ def parse_args() -> tuple[Plan, bool]:
     parser.add_argument(
         "--no-log-variant", action="store_true", help="skip A' (default sinks and logging)"
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run F, the receiver's essential work as one bare function (floor_asgi.py)",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results/")
     parser.add_argument(
         "--nice",
@@ -358,7 +371,9 @@ def parse_args() -> tuple[Plan, bool]:
     rounds, duration, warmup, half = args.rounds, args.duration, args.warmup, (args.duration, 2)
     if args.quick:
         rounds, duration, warmup, half = 1, 3, 1, (3, 1)
-    keys = ("A", "B", "C") if args.no_log_variant else ("A", "B", "C", "A'")
+    keys: tuple[str, ...] = ("A", "B", "C") if args.no_log_variant else ("A", "B", "C", "A'")
+    if args.floor:
+        keys += ("F",)
     plan = Plan(
         rounds,
         duration,

@@ -80,6 +80,8 @@ def ratio_table(runs: Sequence[RunResult]) -> list[str]:
         ("receiver / dtintegrations (A/C)", "A", "C"),
         ("default sinks and logging / file sink only (A'/A)", "A'", "A"),
         ("dtintegrations / ceiling (C/B)", "C", "B"),
+        ("floor / ceiling (F/B)", "F", "B"),
+        ("floor / receiver (F/A)", "F", "A"),
     )
     for name, top, bottom in named:
         values = _ratios(runs, top, bottom)

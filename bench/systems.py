@@ -3,6 +3,7 @@
 - ``receiver``: ``dcon-receiver serve`` with the default full path (signature check, typed
   parse, dedup, file sink with fsync) over plain HTTP.
 - ``bare``: ``bench/bare_asgi.py`` under the same uvicorn, loop and HTTP implementation.
+- ``floor``: ``bench/floor_asgi.py`` (the receiver's essential work alone), likewise.
 - ``baseline``: Flask + ``dtintegrations`` under one gunicorn sync worker
   (``bench/baseline_flask.py``), from its own venv ``bench/.venv-baseline``.
 """
@@ -31,7 +32,7 @@ LOAD_CPU = 1
 PRIORITY = {"nice": 0}
 PATH = "/events"
 
-Kind = Literal["receiver", "bare", "baseline"]
+Kind = Literal["receiver", "bare", "baseline", "floor"]
 
 
 @dataclass(frozen=True)
@@ -129,11 +130,12 @@ class Server:
         kind = self.system.kind
         if kind == "receiver":
             return [*pin, *receiver_command(self.port)]
-        if kind == "bare":
+        if kind in ("bare", "floor"):
             # The flags that `dcon-receiver serve` passes or leaves at uvicorn's defaults:
             # loop and http "auto", no access log, no proxy headers.
+            module = "bare_asgi:app" if kind == "bare" else "floor_asgi:app"
             return [
-                *pin, sys.executable, "-m", "uvicorn", "bare_asgi:app", "--app-dir", str(BENCH),
+                *pin, sys.executable, "-m", "uvicorn", module, "--app-dir", str(BENCH),
                 "--host", "127.0.0.1", "--port", str(self.port), "--loop", "auto",
                 "--http", "auto", "--no-access-log", "--no-proxy-headers",
                 "--log-level", "warning", "--lifespan", "on",
