@@ -16,6 +16,7 @@ first secret) and ``DCON_FILE_PATH``.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -65,9 +66,12 @@ class Floor:
         expected = base64.urlsafe_b64encode(mac.digest()).rstrip(b"=")
         if not hmac.compare_digest(expected, signature):
             return False
-        claims = json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
-        digest = hashlib.sha256(body).hexdigest()
-        return hmac.compare_digest(digest, str(claims.get("checksum_sha256", "")))
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
+            claimed = str(claims["checksum_sha256"])
+        except (ValueError, TypeError, KeyError, binascii.Error):
+            return False
+        return hmac.compare_digest(hashlib.sha256(body).hexdigest(), claimed)
 
     async def ingest(self, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes | None:
         token = next((v for k, v in headers if k == b"x-dt-signature"), b"")
