@@ -18,7 +18,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 # Attributes every LogRecord has; anything else on a record came in through `extra=`.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# uvicorn adds "color_message" to its own records: the message again, with terminal
+# colour codes for its own formatter; as a field it only repeats the message in escapes.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 # json.dumps with these arguments builds a new encoder per call: one line per request.

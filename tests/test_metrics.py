@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.ingest import access
-from app.logs import JsonFormatter, configure_logging, logging_config
+from app.logs import JsonFormatter, TextFormatter, configure_logging, logging_config
 from app.samples import sample_body
 from app.settings import Settings
 from app.signing import sign_secret
@@ -274,3 +274,21 @@ def test_lines_left_by_a_stopped_loop_are_written_with_the_next_loop_s(
     written = stream.access_writes()
     ids = [json.loads(line)["requestId"] for text in written for line in text.splitlines()]
     assert ids == ["r-1", "r-2"]
+
+
+def test_uvicorn_s_coloured_copy_of_its_message_is_not_a_field() -> None:
+    """uvicorn's records carry their message again with colour codes ("color_message");
+    neither format repeats it, while other extra fields stay."""
+    record = logging.LogRecord(
+        "uvicorn.error", logging.INFO, "", 0, "Uvicorn running on %s", ("x",), None
+    )
+    record.color_message = "Uvicorn running on \x1b[1m%s\x1b[0m"
+    record.port = 8443
+    line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == "Uvicorn running on x"
+    assert "color_message" not in line
+    assert line["port"] == 8443
+    text = TextFormatter().format(record)
+    assert "color_message" not in text
+    assert "\x1b" not in text
+    assert text.endswith("Uvicorn running on x port=8443")
