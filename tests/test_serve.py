@@ -99,6 +99,40 @@ def stored(tmp_path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in lines]
 
 
+def test_ctrl_c_stops_the_receiver_gracefully_and_quietly(tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) shuts the receiver down as SIGTERM does, and it ends with the status
+    of an interrupt (130), not click's "Aborted!" and status 1."""
+    port = free_port()
+    env = base_env(tmp_path, DCON_PORT=str(port), DCON_TLS="false", DCON_SIGNATURE_SECRETS="s3")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                if httpx.get(f"{base_url(env, port)}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass  # not listening yet
+            assert time.monotonic() < deadline, "receiver did not start"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=30)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output
+    assert "Application shutdown complete" in output
+    assert "Aborted" not in output
+
+
 def test_serve_and_send_with_the_shared_secret(tmp_path: Path) -> None:
     """`dcon-receiver serve` + `send`: three events answered 200 and stored once each."""
     port = free_port()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 from pathlib import Path
 
 import click
@@ -106,12 +107,18 @@ def serve(config: Path | None, host: str | None, port: int | None, workers: int 
         timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_seconds),
         **tls,
     )
-    if settings.workers == 1:
-        uvicorn.Server(server_config).run()
-        return
-    # uvicorn pickles this ServerConfig into every worker, where ServerConfig.load()
-    # builds and hardens that worker's own TLS context and certificate watcher.
-    Multiprocess(server_config, sockets=[server_config.bind_socket()]).run()
+    try:
+        if settings.workers == 1:
+            uvicorn.Server(server_config).run()
+            return
+        # uvicorn pickles this ServerConfig into every worker, where ServerConfig.load()
+        # builds and hardens that worker's own TLS context and certificate watcher.
+        Multiprocess(server_config, sockets=[server_config.bind_socket()]).run()
+    except KeyboardInterrupt:
+        # Ctrl-C: uvicorn has shut down gracefully and raises the SIGINT it caught again,
+        # which click would report as "Aborted!" with status 1. End as an interrupt,
+        # quietly, with the status a shell gives one.
+        raise SystemExit(128 + signal.SIGINT) from None
 
 
 def _ensure_certificates(settings: Settings) -> None:
