@@ -10,9 +10,10 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -54,6 +55,23 @@ def ca_file(env: dict[str, str]) -> str:
     return str(Path(env["DCON_TLS_CERTFILE"]).parent / "ca.pem")
 
 
+def wait_until_healthy(
+    proc: subprocess.Popen[Any], env: dict[str, str], url: str, output: Callable[[], str]
+) -> None:
+    """Wait until the receiver at ``url`` answers /healthz 200; fail if it exits first."""
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, output()
+        try:
+            trust = ssl.create_default_context(cafile=ca_file(env)) if "https" in url else True
+            if httpx.get(f"{url}/healthz", timeout=1, verify=trust).status_code == 200:
+                return
+        except (httpx.TransportError, OSError):
+            pass  # not listening yet, or the certificate is still being written
+        assert time.monotonic() < deadline, "receiver did not start"
+        time.sleep(0.1)
+
+
 @contextmanager
 def running(command: Sequence[str], env: dict[str, str], port: int) -> Iterator[str]:
     """Start the receiver, wait until /healthz answers, stop it with SIGTERM afterwards."""
@@ -62,17 +80,7 @@ def running(command: Sequence[str], env: dict[str, str], port: int) -> Iterator[
     proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = base_url(env, port)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                trust = ssl.create_default_context(cafile=ca_file(env)) if "https" in url else True
-                if httpx.get(f"{url}/healthz", timeout=1, verify=trust).status_code == 200:
-                    break
-            except (httpx.TransportError, OSError):
-                pass  # not listening yet, or the certificate is still being written
-            assert time.monotonic() < deadline, "receiver did not start"
-            time.sleep(0.1)
+        wait_until_healthy(proc, env, url, log_path.read_text)
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -113,16 +121,7 @@ def test_ctrl_c_stops_the_receiver_gracefully_and_quietly(tmp_path: Path) -> Non
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, proc.communicate()[0]
-            try:
-                if httpx.get(f"{base_url(env, port)}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass  # not listening yet
-            assert time.monotonic() < deadline, "receiver did not start"
-            time.sleep(0.1)
+        wait_until_healthy(proc, env, base_url(env, port), lambda: proc.communicate()[0])
         proc.send_signal(signal.SIGINT)
         output = proc.communicate(timeout=30)[0]
     finally:
