@@ -120,3 +120,40 @@ async def test_log_sink_shares_one_flush_among_concurrent_events() -> None:
     await asyncio.gather(*(sink.send(received(sample_body())) for _ in range(50)))
     assert len(stream.getvalue().splitlines()) == 50
     assert 1 <= stream.flushes < 5
+
+
+@pytest.mark.anyio
+async def test_a_log_sink_caller_giving_up_leaves_the_others_their_flush() -> None:
+    """Three events in one turn, the second's caller cancelled before the flush: the other
+    two still return once flushed, and all three lines are written."""
+    stream = CountingStream()
+    sink = LogSink(stream)
+    await sink.connect()
+    sends = [asyncio.ensure_future(sink.send(received(sample_body()))) for _ in range(3)]
+    await asyncio.sleep(0)  # each has written its line and waits for the turn's flush
+    assert stream.flushes == 0
+    sends[1].cancel()
+    await asyncio.wait(sends)
+    assert sends[1].cancelled()
+    assert [sends[0].result(), sends[2].result()] == [None, None]
+    assert stream.flushes == 1
+    assert len(stream.getvalue().splitlines()) == 3
+
+
+class FailingFlush(io.BytesIO):
+    def flush(self) -> None:
+        raise OSError(32, "Broken pipe")
+
+
+@pytest.mark.anyio
+async def test_a_failed_log_flush_fails_every_event_it_carried() -> None:
+    """stdout gone (a closed pipe): each event of the turn gets its own SinkError, so the
+    receiver answers 503 for all of them and DT retries; none is reported stored."""
+    sink = LogSink(FailingFlush())
+    await sink.connect()
+    results = await asyncio.gather(
+        *(sink.send(received(sample_body())) for _ in range(3)), return_exceptions=True
+    )
+    assert [type(r) for r in results] == [SinkError] * 3
+    assert all("Broken pipe" in str(r) for r in results)
+    assert len({id(r) for r in results}) == 3  # not one exception object shared
