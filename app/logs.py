@@ -13,8 +13,7 @@ import logging
 import logging.config
 import sys
 import time
-from collections.abc import Mapping
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping
 from typing import Any
 
 # Attributes every LogRecord has; anything else on a record came in through `extra=`.
@@ -31,12 +30,51 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
 _ENCODE = json.JSONEncoder(default=str, ensure_ascii=False).encode
 
 
+def _flat_encoder() -> Callable[[Mapping[str, object]], str]:
+    """``_ENCODE`` for the access log's own lines: a flat mapping of strings, numbers and
+    None, which cannot hold a cycle. ``JSONEncoder.encode`` makes a new C encoder (and a
+    closure) on every call, a third of what encoding the line cost; this one is made once,
+    without the check for cycles (a test holds its lines equal to ``_ENCODE``'s)."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # a Python built without the _json accelerator
+        return _ENCODE
+    encoder = json.JSONEncoder(default=str, ensure_ascii=False)
+    iterencode = make(
+        None, encoder.default, json.encoder.encode_basestring, None,
+        encoder.key_separator, encoder.item_separator, False, False, True,
+    )  # fmt: skip
+
+    def encode(line: Mapping[str, object]) -> str:
+        return "".join(iterencode(line, 0))
+
+    return encode
+
+
+_ENCODE_FLAT = _flat_encoder()
+
+
 def _extra(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD}
 
 
+# The date and time of the last whole second a timestamp was made for, as text: most lines
+# fall in the same second as the one before, and formatting a datetime per line cost a
+# microsecond, a tenth of an access line.
+_last_second: tuple[int, str] = (-1, "")
+
+
 def _timestamp(created: float) -> str:
-    return datetime.fromtimestamp(created, UTC).isoformat().replace("+00:00", "Z")
+    """``created`` (seconds since the epoch) in ISO 8601, UTC, to the microsecond, with a Z."""
+    global _last_second
+    second = int(created)
+    micro = round((created - second) * 1_000_000)  # to the nearest, as datetime rounds
+    if micro == 1_000_000:
+        second, micro = second + 1, 0
+    last, text = _last_second
+    if second != last:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _last_second = (second, text)
+    return f"{text}.{micro:06d}Z"
 
 
 class JsonFormatter(logging.Formatter):
@@ -115,7 +153,7 @@ class AccessLog:
             # before its turn ended: they go first.
             self.flush()
         self._handler, self._loop = handler, loop
-        self._lines.append(_ENCODE(line) + handler.terminator)
+        self._lines.append(_ENCODE_FLAT(line) + handler.terminator)
         if loop is None:
             self.flush()
         elif len(self._lines) == 1:

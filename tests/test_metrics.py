@@ -6,13 +6,15 @@ import asyncio
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app import logs
 from app.ingest import access
 from app.logs import JsonFormatter, TextFormatter, configure_logging, logging_config
 from app.samples import sample_body
@@ -292,3 +294,39 @@ def test_uvicorn_s_coloured_copy_of_its_message_is_not_a_field() -> None:
     assert "color_message" not in text
     assert "\x1b" not in text
     assert text.endswith("Uvicorn running on x port=8443")
+
+
+def test_the_access_log_s_encoder_writes_what_the_formatter_s_does() -> None:
+    """The encoder made once for access lines gives ``json`` text equal to the formatter's
+    encoder, for every kind of value an access line holds."""
+    line = {
+        "ts": "2026-12-07T22:52:33.358475Z",
+        "msg": 'POST /events 400 "odd" \u2028 ïd',
+        "client": None,
+        "status": 400,
+        "durationMs": 3.75,
+        "small": 1e-7,
+        "flag": True,
+        "error": "bad\\path\n\ttab",
+    }
+    assert logs._ENCODE_FLAT(line) == logs._ENCODE(line)
+    assert logs._ENCODE_FLAT({}) == "{}"
+
+
+@pytest.mark.parametrize(
+    "created",
+    [0.0, 1_800_000_000.0, 1_800_000_000.5, 1_800_000_000.9999996, 1_765_148_353.000001],
+)
+def test_log_timestamps_are_iso_utc_to_the_microsecond(created: float) -> None:
+    text = logs._timestamp(created)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", text)
+    exact = datetime.fromtimestamp(created, UTC)
+    assert datetime.fromisoformat(text) == exact
+
+
+def test_log_timestamps_follow_the_clock_across_seconds() -> None:
+    """The cached date and time of the last second is not reused for the next one."""
+    first = logs._timestamp(1_800_000_000.999)
+    second = logs._timestamp(1_800_000_001.001)
+    assert first == "2027-01-15T08:00:00.999000Z"
+    assert second == "2027-01-15T08:00:01.001000Z"
