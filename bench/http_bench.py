@@ -1,7 +1,7 @@
 """Whole requests over HTTP: the receiver against the stack's ceiling and DT's own receiver.
 
     python bench/http_bench.py [--rounds 5] [--duration 10] [--warmup 3] [--quick]
-                               [--asymmetric] [--no-log-variant] [--floor]
+                               [--asymmetric] [--no-log-variant] [--floor] [--fsync-off]
 
 Each system is a fresh server process per round, pinned to CPU 0; wrk (1 thread, 64
 connections, ``bench/post.lua``) is pinned to CPU 1 and POSTs distinct, validly signed
@@ -19,7 +19,9 @@ Systems:
   B   the ceiling: a bare ASGI app that reads the body and answers 200, same uvicorn;
   C   Flask + dtintegrations under one gunicorn sync worker, appending JSONL (no fsync);
   F   with ``--floor``: the receiver's essential work (HS256 and checksum, typed parse, a
-      dict for dedup, the file sink with fsync) as one bare ASGI function, same uvicorn.
+      dict for dedup, the file sink with fsync) as one bare ASGI function, same uvicorn;
+  N   with ``--fsync-off``: the receiver A with its file sink's fsync off
+      (DCON_FILE_FSYNC=false), a durability choice that is not the default: what fsync costs.
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ SYSTEMS = {
         {"DCON_SINKS": "log,file", "DCON_LOG_LEVEL": "info"},
     ),
     "F": System("F", "floor: the same checks and file sink as one bare function", "floor"),
+    "N": System(
+        "N", "receiver A with the file sink's fsync off", "receiver", {"DCON_FILE_FSYNC": "false"}
+    ),
 }
 
 
@@ -357,6 +362,11 @@ def parse_args() -> tuple[Plan, bool]:
         action="store_true",
         help="also run F, the receiver's essential work as one bare function (floor_asgi.py)",
     )
+    parser.add_argument(
+        "--fsync-off",
+        action="store_true",
+        help="also run N, receiver A with its file sink's fsync off (not the default)",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results/")
     parser.add_argument(
         "--nice",
@@ -374,6 +384,8 @@ def parse_args() -> tuple[Plan, bool]:
     keys: tuple[str, ...] = ("A", "B", "C") if args.no_log_variant else ("A", "B", "C", "A'")
     if args.floor:
         keys += ("F",)
+    if args.fsync_off:
+        keys += ("N",)
     plan = Plan(
         rounds,
         duration,

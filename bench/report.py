@@ -82,6 +82,8 @@ def ratio_table(runs: Sequence[RunResult]) -> list[str]:
         ("dtintegrations / ceiling (C/B)", "C", "B"),
         ("floor / ceiling (F/B)", "F", "B"),
         ("floor / receiver (F/A)", "F", "A"),
+        ("receiver, fsync off / ceiling (N/B)", "N", "B"),
+        ("receiver, fsync off / receiver (N/A)", "N", "A"),
     )
     for name, top, bottom in named:
         values = _ratios(runs, top, bottom)
