@@ -5,9 +5,10 @@ body's SHA-256 checked (with the standard library), the typed parse (``parse_bod
 plain dict for dedup, and the receiver's own file sink (group commit, fsync on unless
 ``DCON_FILE_FSYNC=false``) before it answers 200. None of the rest of the receiver: no
 metrics, deadlines, request ids, batches, dedup window, token age, key reports or record
-metadata, and nothing for an error but a bare 401. Its ratio to the receiver tells how
-much of the receiver's time is the product around that work; its ratio to the ceiling,
-how far this stack goes with the work itself.
+metadata, and nothing for an error but a bare 401. It does take the receiver's garbage
+collector settings (``gc.freeze()`` after start-up, young collections every 10,000
+objects). Its ratio to the receiver tells how much of the receiver's time is the product
+around that work; its ratio to the ceiling, how far this stack goes with the work itself.
 
 Settings from the environment as the receiver reads them: ``DCON_SIGNATURE_SECRETS`` (the
 first secret) and ``DCON_FILE_PATH``.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import gc
 import hashlib
 import hmac
 import json
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from app.events import parse_body
+from app.main import GC_YOUNG_THRESHOLD
 from app.sinks.file import FileSink
 
 Message = MutableMapping[str, Any]
@@ -95,6 +98,10 @@ async def app(scope: MutableMapping[str, Any], receive: Receive, send: Send) -> 
             message = await receive()
             if message["type"] == "lifespan.startup":
                 await floor.sink.connect()
+                # The receiver's own collector settings (see app.main's lifespan), so that the
+                # floor differs from the receiver in its work alone.
+                gc.freeze()
+                gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await floor.sink.close()
