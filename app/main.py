@@ -40,6 +40,19 @@ log = logging.getLogger("dcon")
 GC_YOUNG_THRESHOLD = 10_000
 
 
+def tune_gc() -> None:
+    """The collector settings for serving, applied once start-up is done."""
+    # Everything alive now (modules, models, clients) lives as long as the process: move
+    # it out of the collector's sight, so full collections stay short (measured: about a
+    # fifth of the CPU per request under load, and the worst latency spikes).
+    gc.freeze()
+    # A young collection every 700 new container objects (CPython's default) comes every
+    # few requests, each walking what the requests in flight hold; nearly all of a
+    # request's objects die by reference counting anyway. Every 10,000 costs a few hundred
+    # kilobytes more at most and measured +5% requests/s.
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def build_verifier(settings: Settings) -> tuple[Verifier, DTKeys | None]:
     """The configured schemes, and DT's keys when the asymmetric scheme needs them."""
     age = TokenAge(settings.max_token_age, settings.token_leeway)
@@ -168,15 +181,7 @@ def create_app(settings: Settings, *, sinks: Sequence[Sink] | None = None) -> Fa
             "+".join(settings.schemes) or "off",
             ", ".join(s.name for s in chosen),
         )
-        # Everything alive now (modules, models, clients) lives as long as the process:
-        # move it out of the collector's sight, so full collections stay short (measured:
-        # about a fifth of the CPU per request under load, and the worst latency spikes).
-        gc.freeze()
-        # A young collection every 700 new container objects (CPython's default) comes
-        # every few requests, each walking what the requests in flight hold; nearly all of
-        # a request's objects die by reference counting anyway. Every 10,000 costs a few
-        # hundred kilobytes more at most and measured +5% requests/s.
-        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+        tune_gc()
         try:
             yield
         finally:

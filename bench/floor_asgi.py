@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gc
 import hashlib
 import hmac
 import json
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from app.events import parse_body
-from app.main import GC_YOUNG_THRESHOLD
+from app.main import tune_gc
 from app.sinks.file import FileSink
 
 Message = MutableMapping[str, Any]
@@ -98,10 +97,7 @@ async def app(scope: MutableMapping[str, Any], receive: Receive, send: Send) -> 
             message = await receive()
             if message["type"] == "lifespan.startup":
                 await floor.sink.connect()
-                # The receiver's own collector settings (see app.main's lifespan), so that the
-                # floor differs from the receiver in its work alone.
-                gc.freeze()
-                gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+                tune_gc()  # the receiver's own: the floor differs from it in its work alone
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await floor.sink.close()
