@@ -59,18 +59,19 @@ class LogSink:
 
     def _flush(self, stream: BinaryIO) -> None:
         waiters, self._waiters = self._waiters, []
+        error = None
         try:
             # A short write to stdout, like any logging call; not worth a thread hop.
             stream.flush()
         except (OSError, ValueError) as exc:
             error = f"cannot write to stdout: {exc}"
-            for waiter in waiters:
-                if not waiter.done():  # not given up on by its caller
-                    waiter.set_exception(SinkError(self.name, error))
-        else:
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+        for waiter in waiters:
+            if waiter.done():
+                continue  # its caller gave up on it
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(SinkError(self.name, error))
 
     async def ping(self) -> None:
         if self._stream is None or self._stream.closed:
