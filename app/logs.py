@@ -27,7 +27,8 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
 
 
 # json.dumps with these arguments builds a new encoder per call: one line per request.
-_ENCODE = json.JSONEncoder(default=str, ensure_ascii=False).encode
+_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
+_ENCODE = _ENCODER.encode
 
 
 def _flat_encoder() -> Callable[[Mapping[str, object]], str]:
@@ -38,10 +39,13 @@ def _flat_encoder() -> Callable[[Mapping[str, object]], str]:
     make = getattr(json.encoder, "c_make_encoder", None)
     if make is None:  # a Python built without the _json accelerator
         return _ENCODE
-    encoder = json.JSONEncoder(default=str, ensure_ascii=False)
+    encoder = _ENCODER
     iterencode = make(
-        None, encoder.default, json.encoder.encode_basestring, None,
-        encoder.key_separator, encoder.item_separator, False, False, True,
+        None, encoder.default,
+        json.encoder.encode_basestring_ascii if encoder.ensure_ascii
+        else json.encoder.encode_basestring,
+        None, encoder.key_separator, encoder.item_separator, encoder.sort_keys,
+        encoder.skipkeys, encoder.allow_nan,
     )  # fmt: skip
 
     def encode(line: Mapping[str, object]) -> str:
