@@ -265,32 +265,40 @@ def open_loop(bench: Bench, rate: float) -> dict[str, dict[str, object]]:
         if key not in plan.keys:
             continue
         system = SYSTEMS[key]
-        signer = bench.signer_for(system)
         if system.unique or receiver_file is None:
             bodies = bench.bodies(f"openloop-{key}", system, count)
             receiver_file = receiver_file or bodies
         else:
             bodies = receiver_file
-        workdir = bench.tmp / f"openloop-{key}"
-        server = Server(system, workdir, bench.env_for(system, workdir))
-        probe = signed_line(signer, 10**6).rstrip("\n").split("\t", 1)
-        server.start()
-        try:
-            server.first_200(signer.header, probe[0], probe[1].encode())
-            command = [
-                *pinned(LOAD_CPU), sys.executable, str(BENCH / "openloop.py"),
-                server.url, str(bodies), "--header", signer.header, "--rate", f"{rate:.1f}",
-                "--duration", str(plan.half_duration), "--warmup", str(plan.half_warmup),
-            ]  # fmt: skip
-            text = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        finally:
-            server.stop()
-        found = re.search(r"^OPENLOOP_RESULT (.*)$", text, re.MULTILINE)
-        if found is None:
-            raise RuntimeError(f"no result from openloop.py:\n{text}")
-        out[key] = json.loads(found.group(1))
+        out[key] = open_loop_run(bench, system, bodies, rate, bench.tmp / f"openloop-{key}")
         say(f"  open loop {key} at {rate:,.0f} req/s: {out[key]['from_due']}")
     return out
+
+
+def open_loop_run(
+    bench: Bench, system: System, bodies: Path, rate: float, workdir: Path
+) -> dict[str, object]:
+    """One fresh server of ``system`` sent ``bodies`` at ``rate`` by ``openloop.py``."""
+    plan = bench.plan
+    signer = bench.signer_for(system)
+    server = Server(system, workdir, bench.env_for(system, workdir))
+    probe = signed_line(signer, 10**6).rstrip("\n").split("\t", 1)
+    server.start()
+    try:
+        server.first_200(signer.header, probe[0], probe[1].encode())
+        command = [
+            *pinned(LOAD_CPU), sys.executable, str(BENCH / "openloop.py"),
+            server.url, str(bodies), "--header", signer.header, "--rate", f"{rate:.1f}",
+            "--duration", str(plan.half_duration), "--warmup", str(plan.half_warmup),
+        ]  # fmt: skip
+        text = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    finally:
+        server.stop()
+    found = re.search(r"^OPENLOOP_RESULT (.*)$", text, re.MULTILINE)
+    if found is None:
+        raise RuntimeError(f"no result from openloop.py:\n{text}")
+    result: dict[str, object] = json.loads(found.group(1))
+    return result
 
 
 def versions() -> dict[str, str]:
