@@ -41,8 +41,9 @@ from http_bench import (
     Bench,
     Plan,
     ensure_tools,
+    open_loop_bodies,
     open_loop_run,
-    run_once,
+    run_counted,
     say,
 )
 from signed_bodies import Signer
@@ -78,20 +79,14 @@ def rotated(systems: list[System], rnd: int) -> list[System]:
 def closed_loop(bench: Bench, system: System, rnd: int) -> float:
     """req/s of one fresh server under wrk, with bodies enough for the run."""
     plan = bench.plan
-    scale = 1
-    while True:
-        tag = f"r{rnd}-{system.slug}-{scale}"
-        warm = bench.bodies(f"{tag}-warm", system, scale * bench.needed(system, plan.warmup))
-        run = bench.bodies(f"{tag}-run", system, scale * bench.needed(system, plan.duration))
-        result = run_once(bench, system, rnd, warm, run)
-        warm.unlink()
-        run.unlink()
-        if not (system.unique and result.wrapped):
-            break
-        scale *= 3  # it outran its bodies: repeat with more
+    tag = f"round{rnd}-{system.slug}"
+    warm = bench.bodies(f"{tag}-warm", system, bench.needed(system, plan.warmup))
+    run = bench.bodies(f"{tag}-run", system, bench.needed(system, plan.duration))
+    result = run_counted(bench, system, rnd, warm, run)
+    for path in bench.tmp.glob(f"{tag}-*.tsv"):
+        path.unlink()
     if result.non_2xx or result.errors:
         say(f"  {system.key}: {result.non_2xx} non-2xx, {result.errors} socket errors")
-    bench.rates.setdefault(system.kind, []).append(result.rps)
     say(
         f"round {rnd} {system.key:10} {result.rps:9,.0f} req/s  p99 {result.p99_ms:6.1f} ms"
         f"  server's CPU 0 use {result.server_cpu:.0%}"
@@ -101,9 +96,7 @@ def closed_loop(bench: Bench, system: System, rnd: int) -> float:
 
 def open_loop(bench: Bench, system: System, rnd: int, rate: float) -> float:
     """p99 ms from due of one fresh server sent ``rate`` requests/s."""
-    plan = bench.plan
-    count = int(rate * (plan.half_warmup + plan.half_duration) * 1.05) + 200
-    bodies = bench.bodies(f"o{rnd}-{system.slug}", system, count)
+    bodies = bench.bodies(f"o{rnd}-{system.slug}", system, open_loop_bodies(rate, bench.plan))
     workdir = bench.tmp / f"openloop-{rnd}-{system.slug}"
     result = open_loop_run(bench, system, bodies, rate, workdir)
     bodies.unlink()

@@ -220,6 +220,26 @@ def run_once(bench: Bench, system: System, rnd: int, warm: Path, run: Path) -> R
     )
 
 
+def run_counted(bench: Bench, system: System, rnd: int, warm: Path, run: Path) -> RunResult:
+    """``run_once``, repeated with three times as many bodies if it outran its file (each
+    event must be new to the receiver); its rate is kept to size the next bodies files."""
+    plan = bench.plan
+    result = run_once(bench, system, rnd, warm, run)
+    if result.wrapped:
+        say(f"  {system.key}: outran its bodies file; repeating with three times as many")
+        tag = f"round{rnd}-{system.slug}-again"
+        warm = bench.bodies(f"{tag}-warm", system, 3 * bench.needed(system, plan.warmup))
+        run = bench.bodies(f"{tag}-run", system, 3 * bench.needed(system, plan.duration))
+        result = run_once(bench, system, rnd, warm, run)
+    bench.rates.setdefault(system.kind, []).append(result.rps)
+    return result
+
+
+def open_loop_bodies(rate: float, plan: Plan) -> int:
+    """How many bodies an open-loop run at ``rate`` sends, warm-up included, with a margin."""
+    return int(rate * (plan.half_warmup + plan.half_duration) * 1.05) + 200
+
+
 def run_round(bench: Bench, rnd: int) -> list[RunResult]:
     plan = bench.plan
     systems = [SYSTEMS[k] for k in plan.keys]
@@ -235,14 +255,7 @@ def run_round(bench: Bench, rnd: int) -> list[RunResult]:
     results = []
     for system in systems:
         warm, run = files.get(system.key, receiver_files)
-        result = run_once(bench, system, rnd, warm, run)
-        if result.wrapped:
-            say(f"  {system.key}: outran its bodies file; repeating with three times as many")
-            tag = f"round{rnd}-{system.slug}-again"
-            warm = bench.bodies(f"{tag}-warm", system, 3 * bench.needed(system, plan.warmup))
-            run = bench.bodies(f"{tag}-run", system, 3 * bench.needed(system, plan.duration))
-            result = run_once(bench, system, rnd, warm, run)
-        bench.rates.setdefault(system.kind, []).append(result.rps)
+        result = run_counted(bench, system, rnd, warm, run)
         say(
             f"  round {rnd} {system.key:2} {result.rps:9,.0f} req/s  p50 {result.p50_ms:6.1f} ms"
             f"  p99 {result.p99_ms:6.1f} ms  start-up {result.startup_s:.2f} s"
@@ -257,8 +270,7 @@ def run_round(bench: Bench, rnd: int) -> list[RunResult]:
 def open_loop(bench: Bench, rate: float) -> dict[str, dict[str, object]]:
     """Latency of A, B and C at the same fixed rate, one fresh process each."""
     plan = bench.plan
-    seconds = plan.half_warmup + plan.half_duration
-    count = int(rate * seconds * 1.05) + 200
+    count = open_loop_bodies(rate, plan)
     out: dict[str, dict[str, object]] = {}
     receiver_file: Path | None = None
     for key in ("A", "B", "C"):
