@@ -7,9 +7,12 @@ returns only once the event is safe in the sink (that is when the receiver may a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    import asyncio
+
     from app.received import ReceivedEvent
     from app.settings import Settings
 
@@ -30,6 +33,21 @@ class PermanentSinkError(SinkError):
     Answering DT directly it is a 503 like any ``SinkError``; the spool's forwarder puts
     the event in its dead-letter file instead of retrying it for ever.
     """
+
+
+def settle(
+    waiters: Iterable[asyncio.Future[None]], sink: str, error: str | None, *, refused: bool = False
+) -> None:
+    """Wake every caller still waiting for a write that ended: success when ``error`` is
+    None, else each its own ``SinkError`` (``PermanentSinkError`` if the store ``refused``
+    the event itself). A caller that gave up (cancelled) is skipped."""
+    for waiter in waiters:
+        if waiter.done():
+            continue
+        if error is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception((PermanentSinkError if refused else SinkError)(sink, error))
 
 
 class SinkConfigError(Exception):

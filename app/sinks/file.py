@@ -40,7 +40,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.sinks.base import SinkError
+from app.sinks.base import SinkError, settle
 
 if TYPE_CHECKING:
     from app.received import ReceivedEvent
@@ -416,11 +416,4 @@ def _append_durably(path: Path, data: bytes) -> None:
 
 
 def _settle(batch: list[Pending], error: str | None) -> None:
-    """Wake every caller still waiting: success, or its own ``SinkError``."""
-    for _, done in batch:
-        if done.done():
-            continue  # its caller was cancelled
-        if error is None:
-            done.set_result(None)
-        else:
-            done.set_exception(SinkError(NAME, error))
+    settle((done for _, done in batch), NAME, error)

@@ -6,7 +6,7 @@ import asyncio
 import sys
 from typing import TYPE_CHECKING, BinaryIO
 
-from app.sinks.base import SinkError
+from app.sinks.base import SinkError, settle
 
 if TYPE_CHECKING:
     from app.received import ReceivedEvent
@@ -65,13 +65,7 @@ class LogSink:
             stream.flush()
         except (OSError, ValueError) as exc:
             error = f"cannot write to stdout: {exc}"
-        for waiter in waiters:
-            if waiter.done():
-                continue  # its caller gave up on it
-            if error is None:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(SinkError(self.name, error))
+        settle(waiters, self.name, error)
 
     async def ping(self) -> None:
         if self._stream is None or self._stream.closed:

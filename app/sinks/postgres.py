@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 # asyncpg ships no type hints (no py.typed, no stubs package).
 import asyncpg  # type: ignore[import-untyped]
 
-from app.sinks.base import PermanentSinkError, SinkConfigError, SinkError
+from app.sinks.base import SinkConfigError, SinkError, settle
 
 if TYPE_CHECKING:
     from app.received import ReceivedEvent
@@ -398,12 +398,4 @@ def _describe(exc: BaseException) -> str:
 
 
 def _settle(batch: list[Pending], error: str | None, *, refused: bool = False) -> None:
-    """Wake every caller still waiting: success, or its own ``SinkError`` (a
-    ``PermanentSinkError`` if PostgreSQL ``refused`` the row itself)."""
-    for _, done in batch:
-        if done.done():
-            continue  # its caller was cancelled
-        if error is None:
-            done.set_result(None)
-        else:
-            done.set_exception((PermanentSinkError if refused else SinkError)(NAME, error))
+    settle((done for _, done in batch), NAME, error, refused=refused)
