@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import cast, get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -47,9 +48,9 @@ from http_bench import (
     say,
 )
 from signed_bodies import Signer
-from systems import LOAD_CPU, System, ensure_baseline_venv
+from systems import LOAD_CPU, Kind, System, ensure_baseline_venv
 
-KINDS = ("receiver", "bare", "floor", "baseline")
+KINDS: tuple[str, ...] = get_args(Kind)
 
 
 def parse_system(text: str) -> System:
@@ -68,7 +69,7 @@ def parse_system(text: str) -> System:
         if not sep or not var:
             raise argparse.ArgumentTypeError(f"{text!r}: {pair!r} is not VAR=VALUE")
         env[var] = value
-    return System(name, text, kind, env)  # type: ignore[arg-type]  # kind checked above
+    return System(name, text, cast(Kind, kind), env)  # one of KINDS, checked above
 
 
 def rotated(systems: list[System], rnd: int) -> list[System]:
